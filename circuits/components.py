@@ -1,0 +1,114 @@
+"""The pieces of a transformer block as plain functions over `adapters.Weights` tensors.
+
+Every function accepts inputs shared by all receivers (`[N, P, d]`) or one input per receiver
+(`[N, P, R, d]`), so the engine only pays for per-receiver copies where a mask needs them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from circuits.adapters import ACTIVATIONS, Arch, LayerWeights, Norm
+
+
+def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+    """Apply the architecture's normalization over the last dimension."""
+    w, b = params
+    kind = arch.norm
+    if kind is Norm.NONE:
+        return x
+    x32 = x.float()
+    if kind in (Norm.LAYER, Norm.LAYER_PRE):
+        x32 = x32 - x32.mean(-1, keepdim=True)
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + arch.norm_eps)).to(x.dtype)
+    if w is not None and kind in (Norm.LAYER, Norm.RMS):
+        y = y * w
+    if b is not None and kind is Norm.LAYER:
+        y = y + b
+    return y
+
+
+def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the norm's input, given the gradient w.r.t. its output.
+
+    x: [N, P, d] (the shared input); grad_out: [N, P, R, d], one gradient per receiver that reads
+    x through its own copy of the norm. Returns [N, P, R, d] in float32.
+    """
+    g = grad_out.float()
+    if arch.norm is Norm.NONE:
+        return g
+    x32 = x.float()
+    if arch.norm in (Norm.LAYER, Norm.LAYER_PRE):
+        x32 = x32 - x32.mean(-1, keepdim=True)
+    inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + arch.norm_eps)   # [N, P, 1]
+    xhat = (x32 * inv).unsqueeze(-2)                                          # [N, P, 1, d]
+    if w is not None and arch.norm in (Norm.LAYER, Norm.RMS):
+        g = g * w.float()
+    gx = g - xhat * (g * xhat).mean(-1, keepdim=True)
+    if arch.norm in (Norm.LAYER, Norm.LAYER_PRE):
+        gx = gx - g.mean(-1, keepdim=True)
+    return gx * inv.unsqueeze(-1)
+
+
+def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-head projection. x: [N, P, d] or [N, P, n, d]; W: [n, d, e]; returns [N, P, n, e]."""
+    n, d, e = W.shape
+    if x.dim() == 3:
+        out = (x @ W.permute(1, 0, 2).reshape(d, n * e)).view(*x.shape[:2], n, e)
+    else:
+        out = torch.einsum("bpnd,nde->bpne", x, W)
+    return out + b
+
+
+def project_heads(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                  per_head: torch.Tensor | None, head_idx: torch.Tensor | None) -> torch.Tensor:
+    """Project the shared input for all heads, then redo the heads listed in head_idx from
+    their own inputs per_head [N, P, len(head_idx), d]."""
+    out = project(x, W, b)
+    if head_idx is not None and len(head_idx):
+        out = out.clone()
+        out[:, :, head_idx] = project(per_head, W[head_idx], b[head_idx])
+    return out
+
+
+def rotate(arch: Arch, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on t [N, P, n, dh] with tables [P, rotary_dim]."""
+    rd = arch.rotary_dim
+    rot, rest = t[..., :rd], t[..., rd:]
+    if arch.rotary_adjacent_pairs:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        turned = torch.stack((-b, a), dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., : rd // 2], rot[..., rd // 2:]
+        turned = torch.cat((-b, a), dim=-1)
+    c, s = cos[:, None, :].to(t.dtype), sin[:, None, :].to(t.dtype)
+    out = rot * c + turned * s
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def attend(arch: Arch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention. q: [N, P, H, dh]; k, v: [N, P, KV, dh]; returns z [N, P, H, dh]."""
+    rep = arch.n_heads // arch.n_kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=2)
+        v = v.repeat_interleave(rep, dim=2)
+    z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, scale=1.0 / arch.attn_scale)
+    return z.transpose(1, 2)
+
+
+def head_outputs(lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
+    """What each head writes to the residual stream (without the shared b_O): [N, P, H, d]."""
+    return torch.einsum("bphe,hed->bphd", z, lw.W_O)
+
+
+def mlp(arch: Arch, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """The MLP on its normalized input x [N, P, d]."""
+    act = ACTIVATIONS[arch.act]
+    pre = x @ lw.W_in
+    if lw.b_in is not None:
+        pre = pre + lw.b_in
+    hidden = act(x @ lw.W_gate) * pre if lw.W_gate is not None else act(pre)
+    out = hidden @ lw.W_out
+    return out + lw.b_out if lw.b_out is not None else out

@@ -1,0 +1,120 @@
+"""Evaluate circuits on a task: the caches one (model, task, ablation) needs, prepared once.
+
+`Setup.metric(mask)` runs the one patching forward (`patching.run`) over the task's examples and
+returns the metric per example; everything else (faithfulness, ACDC, verification) builds on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from circuits import patching
+from circuits.models import Model
+from circuits.patching import Ablation, Prefix
+from circuits.tasks import Metric, Task, check_metric, metric_values
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """One slice of the examples with its cached clean run and ablated sender outputs."""
+
+    rows: slice
+    task: Task
+    ablated: torch.Tensor          # [S, B|1, P|1, d]
+    clean: patching.Run            # recorded clean run (outputs, resid per layer)
+    clean_logits: torch.Tensor     # [B, vocab] at the answer positions
+
+    def prefix(self, layer: int, graph) -> Prefix:
+        return patching.prefix_at(layer, graph, self.clean, self.ablated)
+
+
+@dataclass(frozen=True, eq=False)
+class Setup:
+    model: Model
+    task: Task
+    ablation: Ablation
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def graph(self):
+        return self.model.graph
+
+    def coef(self, mask: torch.Tensor) -> torch.Tensor:
+        """1 − mask on the graph's edges: [S, R] or [V, S, R] float."""
+        return (~mask.bool() & self.graph.allowed).to(self.model.weights.dtype)
+
+    def logits(self, coef: torch.Tensor | None, chunk: Chunk, start_layer: int = 0) -> torch.Tensor:
+        w, g = self.model.weights, self.graph
+        tokens = chunk.task.clean.to(w.device)
+        prefix = chunk.prefix(start_layer, g) if start_layer > 0 else None
+        with torch.no_grad():
+            return patching.run(w, g, tokens, positions=chunk.task.positions, coef=coef,
+                                ablated=chunk.ablated, prefix=prefix).logits
+
+    def metric_of_coef(self, coef: torch.Tensor, metric: Metric | None = None,
+                       start_layer: int = 0) -> torch.Tensor:
+        """Metric per example for each variant: coef [S, R] → [B]; [V, S, R] → [V, B]."""
+        metric = metric or self.task.metric
+        V = coef.shape[0] if coef.dim() == 3 else None
+        parts = []
+        for chunk in self.chunks:
+            logits = self.logits(coef, chunk, start_layer)
+            values = metric_values(metric, logits, chunk.task, chunk.clean_logits)
+            parts.append(values.view(V or 1, -1))
+        out = torch.cat(parts, dim=1)
+        return out if V is not None else out[0]
+
+    def metric(self, mask: torch.Tensor, metric: Metric | None = None) -> torch.Tensor:
+        """Metric per example with only the circuit's edges clean ([S, R] bool mask)."""
+        return self.metric_of_coef(self.coef(mask), metric)
+
+    def clean_metric(self, metric: Metric | None = None) -> torch.Tensor:
+        metric = metric or self.task.metric
+        return torch.cat([metric_values(metric, c.clean_logits, c.task, c.clean_logits) for c in self.chunks])
+
+    def faithfulness(self, mask: torch.Tensor) -> dict:
+        """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means."""
+        m_c = self.metric(mask).mean().item()
+        m_empty = self.metric(self.graph.empty_mask()).mean().item()
+        m_full = self.clean_metric().mean().item()
+        denom = m_full - m_empty
+        return {"circuit": m_c, "empty": m_empty, "model": m_full,
+                "faithfulness": (m_c - m_empty) / denom if denom != 0 else float("nan")}
+
+
+def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
+            batch_size: int | None = None, reference: Task | None = None) -> Setup:
+    """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
+
+    Mean ablations average over `reference` (default: the task's corrupted prompts).
+    """
+    w, g = model.weights, model.graph
+    if int(task.clean.max()) >= w.arch.d_vocab:
+        raise ValueError(f"task {task.name} has token ids beyond the model's vocabulary ({w.arch.d_vocab})")
+    if task.clean.shape[1] > w.arch.n_ctx:
+        raise ValueError(f"task {task.name} has prompts of {task.clean.shape[1]} tokens; "
+                         f"the model's context is {w.arch.n_ctx}")
+    shared = None
+    if ablation in (Ablation.MEAN, Ablation.MEAN_POS, Ablation.ZERO):
+        ref = reference or task
+        shared = patching.ablated_outputs(w, g, ablation, corrupted=task.corrupted,
+                                          reference=ref.corrupted if reference is None else ref.clean,
+                                          reference_valid=ref.valid)
+    B = len(task)
+    size = batch_size or B
+    chunks = []
+    for start in range(0, B, size):
+        rows = slice(start, min(B, start + size))
+        sub = task.subset(range(rows.start, rows.stop))
+        if shared is not None:
+            ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
+        else:
+            ablated = patching.ablated_outputs(w, g, ablation, corrupted=sub.corrupted)
+        with torch.no_grad():
+            clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, record=True)
+        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits))
+    setup = Setup(model, task, ablation, tuple(chunks))
+    check_metric(setup.clean_metric(), task, "clean")
+    return setup

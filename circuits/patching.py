@@ -1,0 +1,266 @@
+"""The one patching mechanism: a forward pass in which receivers read ablated sender outputs.
+
+For every receiver r the engine feeds
+
+    input_r = stream_r + Σ_s coef[s, r] · (ablated_s − current_s)
+
+where stream_r is what r reads in this very forward, current_s is sender s's output in this
+forward and ablated_s its output under the ablation (the corrupted run for resample ablation).
+`coef = 1 − mask` for a circuit; fractional or per-variant coefficients serve attribution and
+batched search. Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and
+nothing else. Receivers without any ablated incoming edge read the shared residual stream, so
+the full circuit costs one plain forward; patched receivers get their own copy only where needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from circuits import components as C
+from circuits.adapters import Positional, Weights
+from circuits.graph import Graph
+
+
+class Ablation(Enum):
+    RESAMPLE = "resample"   # the corrupted prompt's sender output
+    MEAN = "mean"           # mean over a reference set and its positions
+    MEAN_POS = "mean-pos"   # mean over a reference set, per position
+    ZERO = "zero"
+
+
+@dataclass
+class Prefix:
+    """State of a forward pass at the start of `layer`, shared by every variant of a batch.
+
+    resid: [B, P, d] the residual stream entering the layer; delta: [S_p, B, P, d], ablated minus
+    current output of the senders that ran before it (S_p = graph.sender_start[layer]).
+    """
+
+    layer: int
+    resid: torch.Tensor
+    delta: torch.Tensor
+
+
+@dataclass
+class Run:
+    """What a forward returns. logits: [V·B, vocab] at `positions`, or [V·B, P, vocab]."""
+
+    logits: torch.Tensor
+    outputs: torch.Tensor | None = None          # [S, B, P, d] when record=True
+    resid: list[torch.Tensor] | None = None      # resid entering each layer, then the final one
+    taps: dict = field(default_factory=dict)     # tensors whose gradients give receiver gradients
+
+
+def _active_columns(coef: torch.Tensor | None, n_receivers: int) -> torch.Tensor:
+    if coef is None:
+        return torch.zeros(n_receivers, dtype=torch.bool)
+    return (coef != 0).any(0).any(0).cpu()
+
+
+class _Deltas:
+    """Ablated-minus-current outputs of the senders so far, laid out for one matmul per layer."""
+
+    def __init__(self, prefix_delta: torch.Tensor | None, n_own: int, V: int, B: int, P: int, d: int,
+                 like: torch.Tensor):
+        self.n_shared = 0 if prefix_delta is None else prefix_delta.shape[0]
+        self.shared = None if prefix_delta is None else prefix_delta.reshape(self.n_shared, -1)
+        self.own = like.new_zeros(V, n_own, B * P * d) if n_own else None
+        self.V, self.B, self.P, self.d = V, B, P, d
+
+    def put(self, s: int, delta: torch.Tensor) -> None:
+        self.own[:, s - self.n_shared] = delta.reshape(self.V, -1)
+
+    def patch(self, coef: torch.Tensor, n_senders: int) -> torch.Tensor:
+        """coef: [V, n_senders, R] → patch [V·B, P, R, d]."""
+        V, R = coef.shape[0], coef.shape[2]
+        out = None
+        ns = min(self.n_shared, n_senders)
+        if ns:
+            out = coef[:, :ns].transpose(1, 2) @ self.shared[:ns]          # [V, R, BPd]
+        if n_senders > ns:
+            own = torch.bmm(coef[:, ns:n_senders].transpose(1, 2), self.own[:, : n_senders - ns])
+            out = own if out is None else out + own
+        out = out.view(V, R, self.B, self.P, self.d).permute(0, 2, 3, 1, 4)
+        return out.reshape(V * self.B, self.P, R, self.d)
+
+
+def embed(w: Weights, tokens: torch.Tensor) -> torch.Tensor:
+    """The input sender's output: token (and learned position) embeddings [B, P, d]."""
+    x = w.W_E[tokens]
+    if w.W_pos is not None and w.arch.positional is Positional.LEARNED:
+        x = x + w.W_pos[: tokens.shape[1]]
+    return x
+
+
+def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
+        positions: torch.Tensor | None = None,
+        coef: torch.Tensor | None = None,
+        ablated: torch.Tensor | None = None,
+        prefix: Prefix | None = None,
+        record: bool = False,
+        taps: bool = False,
+        embeds: torch.Tensor | None = None,
+        stream: torch.Tensor | None = None) -> Run:
+    """One forward pass of the engine.
+
+    tokens: [B, P]. positions: [B] the position whose logits are wanted (None: all positions).
+    coef: [V, S, R] or [S, R]: how much of each edge is ablated (1 − mask); V variants of the
+    batch run side by side and return V·B rows. ablated: [S, B|1, P|1, d] sender outputs under
+    the ablation (needed when coef is given). prefix: start at prefix.layer from a cached state.
+    record: keep every sender's output and the residual stream per layer (V must be 1).
+    taps: keep the tensors `receiver_grads` needs. embeds: [B, P, d] replaces the input sender's
+    output. stream: [S, B, P, d] values every sender writes to the stream instead of its own
+    output (straight-through: gradients still flow through the sender's computation).
+    """
+    arch = graph.arch
+    if coef is not None and coef.dim() == 2:
+        coef = coef.unsqueeze(0)
+    V = 1 if coef is None else coef.shape[0]
+    if coef is not None:
+        if ablated is None:
+            raise ValueError("patching needs the ablated sender outputs")
+        coef = coef.to(device=w.device, dtype=w.dtype)
+    if (record or taps) and V != 1:
+        raise ValueError("record/taps need a single variant")
+    active = _active_columns(coef, graph.n_receivers)
+    start = 0 if prefix is None else prefix.layer
+
+    if prefix is None:
+        x0 = embed(w, tokens) if embeds is None else embeds
+        if stream is not None:
+            x0 = x0 + (stream[0] - x0).detach()
+        B, P, d = x0.shape
+        resid = x0
+    else:
+        resid = prefix.resid
+        B, P, d = resid.shape
+    n_prefix = graph.sender_start[start] if start < arch.n_layers else graph.n_senders
+    n_prefix = 0 if prefix is None else n_prefix
+    deltas = None
+    if coef is not None:
+        deltas = _Deltas(None if prefix is None else prefix.delta, graph.n_senders - n_prefix,
+                         V, B, P, d, resid)
+    outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None
+    resid_log: list[torch.Tensor] = []
+
+    def emit(s: int, out: torch.Tensor) -> None:
+        if record:
+            outputs[s] = out
+        if deltas is not None:
+            deltas.put(s, ablated[s] - out.reshape(V, B, P, d))
+
+    if prefix is None:
+        emit(0, resid)
+    if V > 1:
+        resid = resid.repeat(V, 1, 1)
+    if positions is not None:
+        positions = positions.to(resid.device).repeat(V)
+    cos = sin = None
+    if arch.positional is Positional.ROTARY:
+        cos, sin = w.rot_cos[:P].to(resid.dtype), w.rot_sin[:P].to(resid.dtype)
+    tap: dict = {}
+
+    for layer in range(start, arch.n_layers):
+        lw = w.layers[layer]
+        s0 = graph.sender_start[layer]
+        if record:
+            resid_log.append(resid)
+        # ---- attention receivers: q, k, v of each head ----
+        c0, c1 = graph.attn_cols[layer]
+        h_shared = C.norm(arch, resid, lw.ln1)
+        cols = torch.nonzero(active[c0:c1]).flatten()
+        per_recv = None
+        if len(cols):
+            patch = deltas.patch(coef[:, :s0, c0 + cols], s0)
+            per_recv = C.norm(arch, resid.unsqueeze(2) + patch, lw.ln1)  # [N, P, n_cols, d]
+        qkv = []
+        H, KV = arch.n_heads, arch.n_kv_heads
+        for offset, n, W, b in ((0, H, lw.W_Q, lw.b_Q), (H, KV, lw.W_K, lw.b_K), (H + KV, KV, lw.W_V, lw.b_V)):
+            sel = ((cols >= offset) & (cols < offset + n)).nonzero().flatten()
+            idx = cols[sel] - offset if len(sel) else None
+            qkv.append(C.project_heads(h_shared, W, b, None if idx is None else per_recv[:, :, sel], idx))
+        q, k, v = qkv
+        if taps:
+            tap[("attn", layer)] = (resid, q, k, v)
+        if cos is not None:
+            q, k = C.rotate(arch, q, cos, sin), C.rotate(arch, k, cos, sin)
+        heads = C.head_outputs(lw, C.attend(arch, q, k, v))                 # [N, P, H, d]
+        if stream is not None:
+            heads = heads + (stream[s0 : s0 + H].permute(1, 2, 0, 3) - heads).detach()
+        for h in range(H):
+            emit(s0 + h, heads[:, :, h])
+        attn_out = heads.sum(2) + lw.b_O
+        if not arch.has_mlp:
+            resid = resid + attn_out
+            continue
+        # ---- MLP receiver ----
+        mid = resid if arch.parallel else resid + attn_out
+        col = graph.mlp_col[layer]
+        x = mid
+        if active[col]:
+            n_in = int(graph.n_inputs[col])
+            x = mid + deltas.patch(coef[:, :n_in, col : col + 1], n_in)[:, :, 0]
+        h2 = C.norm(arch, x, lw.ln2)
+        if taps:
+            tap[("mlp", layer)] = (x, h2)
+        out = C.mlp(arch, lw, h2)
+        if stream is not None:
+            out = out + (stream[s0 + H] - out).detach()
+        emit(s0 + H, out)
+        resid = (resid + attn_out + out) if arch.parallel else (mid + out)
+
+    if record:
+        resid_log.append(resid)
+    # ---- logits receiver ----
+    col = graph.logits_col
+    x = resid
+    if active[col]:
+        x = resid + deltas.patch(coef[:, :, col : col + 1], graph.n_senders)[:, :, 0]
+    if positions is not None:
+        x = x[torch.arange(x.shape[0], device=x.device), positions]
+    hf = C.norm(arch, x, w.ln_final)
+    if taps:
+        tap[("logits",)] = (x, hf)
+    logits = hf @ w.W_U
+    if w.b_U is not None:
+        logits = logits + w.b_U
+    return Run(logits, outputs, resid_log if record else None, tap)
+
+
+def prefix_at(layer: int, graph: Graph, clean: Run, ablated: torch.Tensor) -> Prefix:
+    """The state entering `layer` when no edge into an earlier receiver is ablated."""
+    n = graph.sender_start[layer] if layer < graph.arch.n_layers else graph.n_senders
+    return Prefix(layer, clean.resid[layer], ablated[:n] - clean.outputs[:n])
+
+
+def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: torch.Tensor,
+                    reference: torch.Tensor | None = None,
+                    reference_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Sender outputs under an ablation, [S, B|1, P|1, d].
+
+    corrupted: [B, P] corrupted prompts (resample). reference: [B', P'] prompts whose mean is
+    used by mean ablations (default: the corrupted prompts); reference_valid: [B', P'] bool
+    marking real (non-padding) tokens.
+    """
+    B, P = corrupted.shape
+    S, d = graph.n_senders, graph.arch.d_model
+    with torch.no_grad():
+        if ablation is Ablation.ZERO:
+            return torch.zeros(S, 1, 1, d, dtype=w.dtype, device=w.device)
+        if ablation is Ablation.RESAMPLE:
+            return run(w, graph, corrupted.to(w.device), positions=torch.zeros(B, dtype=torch.long),
+                       record=True).outputs
+        ref = corrupted if reference is None else reference
+        valid = torch.ones(ref.shape, dtype=torch.bool) if reference_valid is None else reference_valid
+        outs = run(w, graph, ref.to(w.device), positions=torch.zeros(ref.shape[0], dtype=torch.long),
+                   record=True).outputs
+        weight = valid.to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, B', P', 1]
+        if ablation is Ablation.MEAN:
+            return ((outs * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1))[:, None, None]
+        if ref.shape[1] < P:
+            raise ValueError(f"mean-pos ablation needs reference prompts at least {P} tokens long")
+        per_pos = (outs * weight).sum(1) / weight.sum(1).clamp(min=1)             # [S, P', d]
+        return per_pos[:, None, :P]
