@@ -1,0 +1,111 @@
+"""A circuit: a graph, an edge mask, optional edge scores, and how it was made.
+
+The project's own file format is versioned JSON (`SCHEMA_VERSION`); it records the model spec,
+task, method, parameters, seed and package version so any figure can be reproduced from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from circuits.graph import Graph
+
+SCHEMA = "circuits.circuit"
+SCHEMA_VERSION = 1
+
+
+class CircuitFileError(ValueError):
+    """A circuit file that cannot be read, or does not fit the model's graph."""
+
+
+@dataclass(frozen=True, eq=False)
+class Circuit:
+    graph: Graph
+    mask: torch.Tensor                      # [S, R] bool
+    scores: torch.Tensor | None = None      # [S, R] float32, higher = more important
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def n_edges(self) -> int:
+        return int((self.mask & self.graph.allowed).sum())
+
+    def edge_names(self) -> list[str]:
+        return self.graph.edge_names(self.mask)
+
+    def node_names(self) -> list[str]:
+        nodes = self.graph.node_mask(self.mask)
+        return [n for n, keep in zip(self.graph.nodes, nodes.tolist()) if keep]
+
+
+def arch_summary(graph: Graph) -> dict:
+    a = graph.arch
+    return {"family": a.family, "n_layers": a.n_layers, "n_heads": a.n_heads,
+            "n_kv_heads": a.n_kv_heads, "has_mlp": a.has_mlp, "parallel": a.parallel,
+            "n_edges": graph.n_edges}
+
+
+def to_dict(circuit: Circuit) -> dict:
+    g = circuit.graph
+    rows, cols = torch.nonzero(g.allowed, as_tuple=True)
+    mask = circuit.mask[rows, cols].tolist()
+    scores = circuit.scores[rows, cols].tolist() if circuit.scores is not None else [None] * len(mask)
+    edges = {g.edge_name(int(s), int(r)): {"score": sc, "in_graph": bool(m)}
+             for s, r, sc, m in zip(rows.tolist(), cols.tolist(), scores, mask)}
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "graph": arch_summary(g),
+            "provenance": circuit.provenance, "n_edges_in_graph": circuit.n_edges,
+            "nodes": circuit.node_names(), "edges": edges}
+
+
+def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
+    if data.get("schema") != SCHEMA:
+        raise CircuitFileError(f"{source}: not a circuits file (schema {data.get('schema')!r})")
+    if data.get("schema_version", 0) > SCHEMA_VERSION:
+        raise CircuitFileError(f"{source}: schema version {data['schema_version']} is newer than this "
+                               f"package reads ({SCHEMA_VERSION}); upgrade circuits")
+    summary = arch_summary(graph)
+    theirs = data.get("graph", {})
+    for key in ("n_layers", "n_heads", "n_kv_heads", "has_mlp", "parallel"):
+        if key in theirs and theirs[key] != summary[key]:
+            raise CircuitFileError(f"{source}: made for a model with {key}={theirs[key]}, "
+                                   f"this model has {summary[key]}")
+    mask = graph.empty_mask()
+    scores = torch.zeros(graph.n_senders, graph.n_receivers)
+    has_scores = False
+    for name, edge in data.get("edges", {}).items():
+        try:
+            s, r = graph.edge(name)
+        except KeyError as err:
+            raise CircuitFileError(f"{source}: {err.args[0]}") from None
+        mask[s, r] = bool(edge.get("in_graph", False))
+        if edge.get("score") is not None:
+            scores[s, r] = float(edge["score"])
+            has_scores = True
+    return Circuit(graph, mask, scores if has_scores else None, dict(data.get("provenance", {})))
+
+
+def save(circuit: Circuit, path: str | Path) -> None:
+    """Write atomically: a failed write never leaves a half file behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(circuit), indent=1, allow_nan=True))
+    tmp.replace(path)
+
+
+def load(path: str | Path, graph: Graph) -> Circuit:
+    path = Path(path)
+    if not path.is_file():
+        raise CircuitFileError(f"{path}: no such circuit file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CircuitFileError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    return from_dict(data, graph, str(path))
+
+
+def finite(x: float) -> float | None:
+    return x if isinstance(x, float) and math.isfinite(x) else None

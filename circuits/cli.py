@@ -1,0 +1,156 @@
+"""The command line: thin wrappers over the library functions, errors without stack traces."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EXIT_OK, EXIT_ERROR, EXIT_BAR = 0, 2, 1
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1))
+
+
+def cmd_models(args) -> int:
+    from circuits import models
+    rows = [(name, meta.get("description", "")) for name, meta in models.builtin_models().items()]
+    rows += [(f"random:{k}", v[0]) for k, v in models.RANDOM_ARCHS.items()]
+    if args.json:
+        _print_json([{"spec": a, "description": b} for a, b in rows])
+    else:
+        width = max(len(a) for a, _ in rows)
+        for a, b in rows:
+            print(f"{a:<{width}}  {b}")
+        print("\nAlso: a local checkpoint directory, or a hub id such as gpt2 (needs the network).")
+    return EXIT_OK
+
+
+def cmd_graph(args) -> int:
+    from circuits import models
+    model = models.load(args.model, seed=args.seed, device=args.device)
+    counts = model.graph.counts()
+    counts["model"] = args.model
+    if args.json:
+        _print_json(counts)
+        return EXIT_OK
+    a = model.arch
+    print(f"{args.model}: {a.family}, {a.n_layers} layers, {a.n_heads} heads"
+          f"{f' ({a.n_kv_heads} KV heads)' if a.grouped else ''}, d_model {a.d_model}"
+          f"{', parallel attention+MLP' if a.parallel else ''}")
+    n = counts["nodes"]
+    print(f"nodes     {n['total']:>8}  (input 1, heads {n['heads']}, MLPs {n['mlps']}, logits 1)")
+    print(f"receivers {model.graph.n_receivers:>8}  " +
+          ", ".join(f"{k} {v}" for k, v in counts["receivers"].items() if v))
+    print(f"edges     {counts['edges']['total']:>8}  " +
+          ", ".join(f"{k} {v}" for k, v in counts["edges"]["by_receiver"].items()))
+    return EXIT_OK
+
+
+def _load_model_and_task(args):
+    from circuits import models, tasks
+    from circuits.builtin_tasks import build_task, is_builtin
+    model = models.load(args.model, seed=args.seed, device=args.device)
+    metric = tasks.Metric(args.metric) if getattr(args, "metric", None) else None
+    if is_builtin(args.task):
+        task = build_task(args.task, model, n=args.n, seed=args.seed)
+    else:
+        task = tasks.load_file(args.task, model.tokenizer, vocab_size=model.arch.d_vocab)
+    if metric is not None:
+        task = task.with_metric(metric)
+    return model, task
+
+
+def _circuit_mask(args, model):
+    from circuits import circuit as circuit_io
+    if args.circuit in (None, "full"):
+        return model.graph.full_mask(), "full"
+    if args.circuit == "empty":
+        return model.graph.empty_mask(), "empty"
+    return circuit_io.load(args.circuit, model.graph).mask, args.circuit
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+    from circuits import evaluation, patching
+    from circuits.tasks import metric_values
+    model, task = _load_model_and_task(args)
+    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    mask, label = _circuit_mask(args, model)
+    with torch.no_grad():
+        corrupted_logits = patching.run(model.weights, model.graph, task.corrupted.to(model.weights.device),
+                                        positions=task.positions).logits
+    clean_logits = torch.cat([c.clean_logits for c in setup.chunks])
+    m_corr = metric_values(task.metric, corrupted_logits, task, clean_logits).mean().item()
+    f = setup.faithfulness(mask)
+    report = {"model": args.model, "task": task.name, "examples": len(task), "metric": task.metric.value,
+              "ablation": args.ablation, "circuit": label,
+              "edges": int((mask & model.graph.allowed).sum()), "total_edges": model.graph.n_edges,
+              "clean": f["model"], "corrupted": m_corr, "empty_circuit": f["empty"],
+              "with_circuit": f["circuit"], "faithfulness": f["faithfulness"]}
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{task.name}: {len(task)} examples, metric {task.metric.value}, {args.ablation} ablation")
+        print(f"circuit {label}: {report['edges']} of {report['total_edges']} edges")
+        for key in ("clean", "corrupted", "empty_circuit", "with_circuit"):
+            print(f"  {key:<14} {report[key]: .4f}")
+        print(f"  faithfulness   {report['faithfulness']: .4f}   (m(C) - m(empty)) / (m(model) - m(empty))")
+    return EXIT_OK
+
+
+def _add_common(p, task: bool = True) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed for random models and generated tasks")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if task:
+        p.add_argument("--metric", choices=["logit-diff", "prob-diff", "logprob", "kl"],
+                       help="override the task's metric")
+        p.add_argument("--n", type=int, default=64, help="examples for a built-in task (default 64)")
+        p.add_argument("--batch-size", type=int, default=None, help="examples per forward (memory)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="circuits", description="Find, verify and export circuits in transformer LMs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list built-in and random models",
+                       epilog="example: circuits models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("graph", help="node and edge counts of a model's graph",
+                       epilog="example: circuits graph random:gpt2-small --json")
+    p.add_argument("model", help="model spec: built-in name, random:<arch>, checkpoint dir, or hub id")
+    _add_common(p, task=False)
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("evaluate", help="metric and faithfulness of a circuit on a task",
+                       epilog="example: circuits evaluate random:gpt2-small tasks/examples/ioi-mini.jsonl --circuit empty")
+    p.add_argument("model")
+    p.add_argument("task", help="task file (JSONL/CSV) or built-in task name")
+    p.add_argument("--circuit", default="full", help="circuit file, 'full' or 'empty' (default full)")
+    p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from circuits.errors import USER_ERRORS
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"circuits: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("circuits: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from circuits.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+IOI = str(ROOT / "tasks" / "examples" / "ioi-mini.jsonl")
+
+
+@pytest.mark.parametrize("circuit,expected", [("full", 1.0), ("empty", 0.0)])
+def test_evaluate_gpt2_small_full_and_empty(capsys, circuit, expected):
+    assert main(["evaluate", "random:gpt2-small", IOI, "--circuit", circuit, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["faithfulness"] == pytest.approx(expected, abs=1e-5)
+    assert report["total_edges"] == 32491
+
+
+def test_evaluate_other_ablations_tiny(capsys):
+    for ablation in ("mean", "zero", "mean-pos"):
+        assert main(["evaluate", "random:gpt2-tiny", IOI, "--ablation", ablation, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["faithfulness"] == pytest.approx(1.0)
+
+
+def test_errors_are_messages_not_tracebacks(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clean": "a b", "corrupted": "a c", "answer": " x", "wrong": " y", "extra": 1}\n')
+    assert main(["evaluate", "random:gpt2-tiny", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown field(s) extra" in err and "Traceback" not in err
+    assert main(["graph", "random:nonsense"]) == 2
+    assert "unknown random architecture" in capsys.readouterr().err
+
+
+def test_hub_id_offline_fails_clearly(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["graph", "no-such-org/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "Offline?" in err and "save_pretrained" in err
+
+
+def test_local_checkpoint_directory(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=64)).save_pretrained(tmp_path)
+    assert main(["graph", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["edges"]["total"] == 6 * 1 + 3 + 4
