@@ -136,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    from circuits.cli_discover import add_discover
+    add_discover(sub, _add_common)
     return ap
 
 

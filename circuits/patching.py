@@ -152,10 +152,10 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         if deltas is not None:
             deltas.put(s, ablated[s] - out.reshape(V, B, P, d))
 
-    if prefix is None:
-        emit(0, resid)
     if V > 1:
         resid = resid.repeat(V, 1, 1)
+    if prefix is None:
+        emit(0, resid)
     if positions is not None:
         positions = positions.to(resid.device).repeat(V)
     cos = sin = None

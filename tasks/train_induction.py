@@ -55,6 +55,7 @@ def make_config() -> GPT2Config:
         n_layer=2, n_head=4, n_embd=64, n_inner=256, vocab_size=VOCAB,
         n_positions=64, bos_token_id=BOS, eos_token_id=BOS,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="eager",  # needed for output_attentions
     )
 
 
@@ -173,16 +174,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--target-acc", type=float, default=TARGET_ACC)
+    ap.add_argument("--eval-every", type=int, default=100)
     args = ap.parse_args()
 
     seed_everything(args.seed)
-    model = GPT2LMHeadModel(make_config(), attn_implementation="eager") \
-        if _accepts_attn_kw() else GPT2LMHeadModel(make_config())
-    model.config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(make_config())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr,
                             weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    warmup = 200
+    warmup = args.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(args.seed)
     val = eval_sets(32, seed=10_000 + args.seed)
@@ -205,7 +206,7 @@ def main() -> None:
             acc = accuracy(model, val)
             print(f"step {step:6d}  loss {loss.item():.4f}  val_acc {acc:.4f}  "
                   f"t {time.time() - t0:.1f}s", flush=True)
-            if acc >= TARGET_ACC:
+            if acc >= args.target_acc:
                 break
     train_time = time.time() - t0
     model.eval()
@@ -286,15 +287,6 @@ def main() -> None:
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out}")
-
-
-def _accepts_attn_kw() -> bool:
-    try:
-        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=4, n_positions=4),
-                        attn_implementation="eager")
-        return True
-    except TypeError:
-        return False
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""`circuits discover`: the main job."""
+
+from __future__ import annotations
+
+import sys
+
+DEFAULT_MODEL, DEFAULT_TASK = "induction-2l", "induction"
+
+
+def cmd_discover(args) -> int:
+    from circuits import circuit as circuit_io
+    from circuits import discover, evaluation, patching
+    from circuits.cli import _load_model_and_task, _print_json
+    from circuits.tasks import Metric
+
+    model, task = _load_model_and_task(args)
+    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    selection = discover.Selection(top_n=args.top_n, threshold=args.threshold, greedy=args.greedy,
+                                   target_faithfulness=args.target_faithfulness, prune=not args.no_prune)
+    checkpoint = args.checkpoint or (args.out + ".ckpt.pt" if args.method in ("acdc", "hybrid") else None)
+    found = discover.run(setup, args.method, selection=selection, tau=args.tau, steps=args.steps,
+                         candidates=args.candidates, acdc_metric=Metric(args.acdc_metric),
+                         checkpoint=checkpoint, resume=args.resume, progress=not args.quiet,
+                         seed=args.seed)
+    circuit_io.save(found.circuit, args.out)
+    c = found.circuit
+    summary = {"model": args.model, "task": task.name, "method": args.method,
+               "edges": c.n_edges, "total_edges": model.graph.n_edges,
+               "nodes": [n for n in c.node_names() if n not in ("input", "logits")],
+               "faithfulness": found.faithfulness["faithfulness"], "seconds": round(found.seconds, 2),
+               "out": args.out, **found.details}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{args.method} on {args.model} / {task.name} ({len(task)} examples, "
+              f"{task.metric.value}, {args.ablation} ablation)")
+        print(f"circuit: {c.n_edges} of {model.graph.n_edges} edges "
+              f"({100 * c.n_edges / model.graph.n_edges:.1f}%), components: {', '.join(summary['nodes']) or '-'}")
+        print(f"faithfulness {summary['faithfulness']:.3f}   time {found.seconds:.1f}s   written to {args.out}")
+    return 0
+
+
+def add_discover(sub, add_common) -> None:
+    from circuits.methods import REGISTRY
+    p = sub.add_parser(
+        "discover", help="find the circuit of a model on a task",
+        description="Find a circuit. With no arguments: the shipped 2-layer induction model on the "
+                    "induction task.",
+        epilog="examples:\n  circuits discover\n"
+               "  circuits discover random:gpt2-small tasks/examples/ioi-mini.jsonl --method eap --top-n 200\n"
+               "  circuits discover induction-2l induction --method acdc --tau 0.05 --out acdc.json\n"
+               "  circuits discover MODEL TASK --method acdc --resume   (continue an interrupted run)",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
+    p.add_argument("task", nargs="?", default=DEFAULT_TASK, help=f"task file or built-in task (default {DEFAULT_TASK})")
+    p.add_argument("--method", default="eap-ig-activations",
+                   choices=sorted(REGISTRY) + ["acdc", "hybrid"], help="default eap-ig-activations")
+    p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--top-n", type=int, help="keep the n highest-|score| edges")
+    sel.add_argument("--threshold", type=float, help="keep edges with |score| >= threshold")
+    sel.add_argument("--greedy", type=int, help="grow n edges greedily from the logits")
+    p.add_argument("--target-faithfulness", type=float, default=0.8,
+                   help="without --top-n/--threshold/--greedy: smallest top-n reaching this (default 0.8)")
+    p.add_argument("--tau", type=float, help="ACDC threshold (default 0.01)")
+    p.add_argument("--acdc-metric", default="kl", choices=["kl", "logit-diff", "prob-diff", "logprob"],
+                   help="what ACDC compares (default kl)")
+    p.add_argument("--candidates", type=int, help="hybrid: edges ACDC examines (default 10%% of edges)")
+    p.add_argument("--steps", type=int, help="integrated-gradient steps (default 5)")
+    p.add_argument("--no-prune", action="store_true", help="keep edges off input→logits paths")
+    p.add_argument("--out", default="circuit.json", help="circuit file to write (default circuit.json)")
+    p.add_argument("--checkpoint", help="ACDC checkpoint file (default OUT.ckpt.pt)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint")
+    add_common(p)
+    p.set_defaults(func=cmd_discover)

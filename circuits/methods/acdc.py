@@ -1,0 +1,182 @@
+"""ACDC (Conmy et al. 2023) with the original algorithm's semantics, made fast.
+
+Receivers are visited in reverse topological order (logits, then each layer's MLP, then its
+q/k/v inputs); each incoming edge is removed when removing it changes the metric by less than
+τ — for KL to the clean run: KL(new) − KL(current) < τ; for task metrics |m(new) − m(current)| < τ —
+and the removal is kept. A receiver whose node no longer reaches the logits loses its incoming
+edges without tests (they cannot change the output).
+
+Speed, without changing the result:
+- every removed edge so far points into a later receiver, so the forward up to the receiver's
+  layer is the clean one: each test starts at that layer from the cached clean state;
+- speculation: k consecutive candidate edges run as k variants of one batch, variant j assuming
+  candidates 0..j−1 were removed. The walk stops at the first kept edge and later variants are
+  recomputed, so decisions are exactly the sequential ones.
+A checkpoint is written every `checkpoint_every` seconds and on interruption; `resume` continues
+with identical decisions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from circuits.evaluation import Setup
+from circuits.graph import Channel
+from circuits.tasks import Metric
+
+
+@dataclass(frozen=True)
+class AcdcResult:
+    mask: torch.Tensor          # [S, R] bool
+    scores: torch.Tensor        # [S, R] importance measured when each edge was tested (0 untested)
+    tested: int                 # edges tested with a forward
+    forwards: float             # forward passes, in units of one full forward of the batch
+    seconds: float
+
+
+def receiver_order(setup: Setup) -> list[int]:
+    """Receivers in reverse topological order: logits, then per layer (last first) MLP, v, k, q."""
+    g = setup.graph
+    order = [g.logits_col]
+    for layer in reversed(range(g.arch.n_layers)):
+        if g.mlp_col[layer] >= 0:
+            order.append(g.mlp_col[layer])
+        c0, c1 = g.attn_cols[layer]
+        order += list(reversed(range(c0, c1)))
+    return order
+
+
+def _fingerprint(setup: Setup, tau: float, metric: Metric, candidates: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([setup.model.spec, setup.task.name, setup.ablation.value, tau, metric.value,
+                         len(setup.task)]).encode())
+    h.update(setup.task.clean.numpy().tobytes())
+    h.update(setup.task.corrupted.numpy().tobytes())
+    if candidates is not None:
+        h.update(candidates.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _removal_ok(metric: Metric, new: float, current: float, tau: float) -> bool:
+    if metric is Metric.KL:
+        return new - current < tau
+    return abs(new - current) < tau
+
+
+def _node_alive(setup: Setup, mask: torch.Tensor, r: int) -> bool:
+    """Does the node(s) that receiver r feeds still send any edge?"""
+    g = setup.graph
+    rec = g.receivers[r]
+    if rec.channel is Channel.LOGITS:
+        return True
+    return any(bool(mask[n].any()) for n in g.receiver_nodes(r))
+
+
+def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: int = 16,
+         start_mask: torch.Tensor | None = None, checkpoint: str | Path | None = None,
+         resume: bool = False, checkpoint_every: float = 30.0, progress: bool = False,
+         naive: bool = False) -> AcdcResult:
+    """Run ACDC at threshold tau. start_mask limits the search to its edges (others start removed).
+
+    naive=True is the reference: one full forward per tested edge, no prefix reuse, no batching.
+    """
+    g = setup.graph
+    t0 = time.perf_counter()
+    fingerprint = _fingerprint(setup, tau, metric, start_mask)
+    mask = (g.full_mask() if start_mask is None else start_mask.clone().bool()) & g.allowed
+    scores = torch.zeros(g.n_senders, g.n_receivers)
+    order = receiver_order(setup)
+    pos_r, pos_s, k = 0, 0, 4
+    tested, forwards = 0, 0.0
+    current = setup.metric(mask, metric).mean().item()
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{checkpoint} was written by a different ACDC run (model, task, τ or metric)")
+        mask, scores = state["mask"], state["scores"]
+        pos_r, pos_s, k = int(state["pos_r"]), int(state["pos_s"]), int(state["k"])
+        current, tested, forwards = float(state["current"]), int(state["tested"]), float(state["forwards"])
+
+    def save() -> None:
+        if checkpoint is None:
+            return
+        path = Path(checkpoint)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"fingerprint": fingerprint, "mask": mask, "scores": scores, "pos_r": pos_r,
+                    "pos_s": pos_s, "k": k, "current": current, "tested": tested,
+                    "forwards": forwards}, tmp)
+        tmp.replace(path)
+
+    sign = 1.0 if metric is Metric.KL else -1.0
+    n_layers = g.arch.n_layers
+    total = int(mask.sum())
+    bar = tqdm(total=total, desc=f"ACDC τ={tau:g}", unit="edge", disable=not progress)
+    bar.update(int(sum(int(mask[:, order[i]].sum()) for i in range(pos_r))) + pos_s)
+    last_save = time.perf_counter()
+    try:
+        while pos_r < len(order):
+            r = order[pos_r]
+            layer = min(g.receivers[r].layer, n_layers)
+            start = 0 if naive else layer
+            senders = list(reversed(range(int(g.n_inputs[r]))))
+            if not _node_alive(setup, mask, r):
+                mask[:, r] = False
+                bar.update(len(senders) - pos_s)
+                pos_r, pos_s = pos_r + 1, 0
+                continue
+            while pos_s < len(senders):
+                s = senders[pos_s]
+                if not mask[s, r]:
+                    pos_s += 1
+                    bar.update(1)
+                    continue
+                batch = [s]
+                if not naive:
+                    for s2 in senders[pos_s + 1 :]:
+                        if len(batch) >= k:
+                            break
+                        if mask[s2, r]:
+                            batch.append(s2)
+                coef = (~mask & g.allowed).float().expand(len(batch), -1, -1).clone()
+                for j, sj in enumerate(batch):
+                    coef[j:, sj, r] = 1.0
+                values = setup.metric_of_coef(coef, metric, start_layer=start).mean(1).tolist()
+                cost = (n_layers - start + 0.5) / (n_layers + 0.5)
+                forwards += cost * len(batch)
+                accepted_all = True
+                for j, sj in enumerate(batch):
+                    tested += 1
+                    scores[sj, r] = sign * (current - values[j])
+                    while senders[pos_s] != sj:
+                        pos_s += 1
+                        bar.update(1)
+                    pos_s += 1
+                    bar.update(1)
+                    if _removal_ok(metric, values[j], current, tau):
+                        mask[sj, r] = False
+                        current = values[j]
+                    else:
+                        accepted_all = False
+                        k = max(1, j + 1)
+                        break
+                if accepted_all:
+                    k = min(max_variants, 2 * k)
+                bar.set_postfix(tested=tested, kept=int(mask.sum()), refresh=False)
+                if checkpoint is not None and time.perf_counter() - last_save > checkpoint_every:
+                    save()
+                    last_save = time.perf_counter()
+            pos_r, pos_s = pos_r + 1, 0
+    except KeyboardInterrupt:
+        save()
+        bar.close()
+        raise
+    bar.close()
+    save()
+    return AcdcResult(mask, scores, tested, forwards, time.perf_counter() - t0)

@@ -1,0 +1,103 @@
+"""Attribution patching: EAP, EAP-IG (inputs and activations) and clean-corrupted.
+
+Every edge score is a linear estimate of the edge's patching effect,
+
+    m(edge ablated) − m(clean) ≈ Σ_{b,p} (ablated_s − clean_s) · ∂m/∂input_r,
+
+turned into an importance (see `methods.base.importance_sign`). One backward pass gives the
+gradient at every receiver without per-receiver copies of the residual stream: the engine taps
+each head's q/k/v projections, each MLP's and the unembedding's normalized input, and maps those
+gradients back through each receiver's own copy of the norm (`components.norm_vjp`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from circuits import components as C
+from circuits import patching
+from circuits.evaluation import Chunk, Setup
+from circuits.tasks import metric_values
+
+
+def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: torch.Tensor,
+                          scores: torch.Tensor, objective: torch.Tensor) -> None:
+    """Add Σ_{b,p} delta_s · ∂objective/∂input_r into scores [S, R] (float32) for every edge.
+
+    delta: [S, B, P, d] ablated minus clean sender outputs.
+    """
+    g, w, arch = setup.graph, setup.model.weights, setup.graph.arch
+    keys = list(run.taps)
+    tensors = []
+    for key in keys:
+        tensors += list(run.taps[key][1:])
+    grads = torch.autograd.grad(objective, tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, grads)]
+    it = iter(grads)
+    S = g.n_senders
+    flat = delta.float().reshape(S, -1)
+    for key in keys:
+        if key[0] == "attn":
+            layer = key[1]
+            resid = run.taps[key][0]
+            lw = w.layers[layer]
+            dq, dk, dv = next(it), next(it), next(it)
+            per_recv = torch.cat([torch.einsum("bphe,hde->bphd", dq, lw.W_Q),
+                                  torch.einsum("bphe,hde->bphd", dk, lw.W_K),
+                                  torch.einsum("bphe,hde->bphd", dv, lw.W_V)], dim=2)
+            G = C.norm_vjp(arch, resid.detach(), lw.ln1[0], per_recv)         # [B, P, R_L, d]
+            c0, c1 = g.attn_cols[layer]
+            s0 = g.sender_start[layer]
+            scores[:s0, c0:c1] += flat[:s0] @ G.permute(0, 1, 3, 2).reshape(-1, c1 - c0)
+        elif key[0] == "mlp":
+            layer = key[1]
+            x = run.taps[key][0]
+            G = C.norm_vjp(arch, x.detach(), w.layers[layer].ln2[0], next(it).unsqueeze(2))[:, :, 0]
+            col = g.mlp_col[layer]
+            n_in = int(g.n_inputs[col])
+            scores[:n_in, col] += flat[:n_in] @ G.reshape(-1)
+        else:
+            x = run.taps[key][0]                                                 # [B, d] at positions
+            G = C.norm_vjp(arch, x.detach()[:, None], w.ln_final[0], next(it)[:, None, None])[:, 0, 0]
+            B = x.shape[0]
+            at_pos = delta[:, torch.arange(B), chunk.task.positions.to(delta.device)].float()  # [S, B, d]
+            scores[:, g.logits_col] += (at_pos * G[None]).sum((1, 2))
+
+
+def _ablated_minus_clean(chunk: Chunk, clean_outputs: torch.Tensor) -> torch.Tensor:
+    return (chunk.ablated - clean_outputs).expand_as(clean_outputs)
+
+
+def gradient_scores(setup: Setup, alphas: list[float], mode: str) -> torch.Tensor:
+    """Σ_edges estimate m(edge ablated) − m(clean), averaging gradients over `alphas`.
+
+    mode "inputs": gradients at input embeddings interpolated corrupted→clean (alpha=1: clean);
+    mode "activations": every sender writes ablated + alpha·(clean − ablated) to the stream.
+    Returns [S, R] float32 (the raw linear estimate, summed over examples / total examples).
+    """
+    g, w = setup.graph, setup.model.weights
+    scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float32, device=w.device)
+    n_total = len(setup.task)
+    for chunk in setup.chunks:
+        tokens = chunk.task.clean.to(w.device)
+        clean_outputs = chunk.clean.outputs
+        delta = _ablated_minus_clean(chunk, clean_outputs)
+        clean_embed = patching.embed(w, tokens)
+        corrupt_embed = None
+        if mode == "inputs":
+            corrupt_embed = delta[0] + clean_embed                         # the ablated input sender
+        for alpha in alphas:
+            stream = None
+            if mode == "inputs":
+                embeds = corrupt_embed + alpha * (clean_embed - corrupt_embed)
+            else:
+                embeds = clean_embed
+                stream = (clean_outputs + delta) + alpha * (-delta)        # ablated + α(clean − ablated)
+            embeds = embeds.detach().requires_grad_(True)
+            with torch.enable_grad():
+                run = patching.run(w, g, tokens, positions=chunk.task.positions, taps=True,
+                                   embeds=embeds, stream=stream)
+                values = metric_values(setup.task.metric, run.logits, chunk.task, chunk.clean_logits)
+                objective = values.sum() / (n_total * len(alphas))
+                _receiver_grad_scores(setup, chunk, run, delta, scores, objective)
+    return scores

@@ -1,0 +1,47 @@
+"""The built-in scoring methods, registered under one protocol."""
+
+from __future__ import annotations
+
+import torch
+
+from circuits.evaluation import Setup
+from circuits.methods.attribution import gradient_scores
+from circuits.methods.base import Method, importance_sign, register
+from circuits.methods.exact import exact_effects
+
+
+def _midpoints(steps: int) -> list[float]:
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    return [(k + 0.5) / steps for k in range(steps)]
+
+
+def eap(setup: Setup) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, [1.0], "inputs")
+
+
+def eap_ig_inputs(setup: Setup, steps: int = 5) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "inputs")
+
+
+def eap_ig_activations(setup: Setup, steps: int = 5) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "activations")
+
+
+def clean_corrupted(setup: Setup) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, [0.0, 1.0], "inputs")
+
+
+def exact(setup: Setup, variants: int = 16, progress: bool = False) -> torch.Tensor:
+    return importance_sign(setup) * exact_effects(setup, variants=variants, progress=progress)
+
+
+register(Method("eap", "attribution patching: 2 forwards and 1 backward score every edge", eap))
+register(Method("eap-ig-inputs", "EAP with integrated gradients along interpolated input embeddings",
+                eap_ig_inputs, {"steps": 5}))
+register(Method("eap-ig-activations", "EAP with integrated gradients along interpolated sender outputs "
+                "(every receiver input moves on a straight line)", eap_ig_activations, {"steps": 5}))
+register(Method("clean-corrupted", "gradients averaged over the clean and the corrupted input",
+                clean_corrupted))
+register(Method("exact", "the true patching effect of each edge alone (one batched forward per group)",
+                exact, {"variants": 16}, exact=True))
