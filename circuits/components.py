@@ -13,20 +13,17 @@ from circuits.adapters import ACTIVATIONS, Arch, LayerWeights, Norm
 
 
 def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
-    """Apply the architecture's normalization over the last dimension."""
+    """Apply the architecture's normalization over the last dimension (fused ATen kernels)."""
     w, b = params
     kind = arch.norm
     if kind is Norm.NONE:
         return x
-    x32 = x.float()
-    if kind in (Norm.LAYER, Norm.LAYER_PRE):
-        x32 = x32 - x32.mean(-1, keepdim=True)
-    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + arch.norm_eps)).to(x.dtype)
-    if w is not None and kind in (Norm.LAYER, Norm.RMS):
-        y = y * w
-    if b is not None and kind is Norm.LAYER:
-        y = y + b
-    return y
+    d = (x.shape[-1],)
+    if kind is Norm.LAYER:
+        return F.layer_norm(x, d, w, b, arch.norm_eps)
+    if kind is Norm.LAYER_PRE:
+        return F.layer_norm(x, d, None, None, arch.norm_eps)
+    return F.rms_norm(x, d, w if kind is Norm.RMS else None, arch.norm_eps)
 
 
 def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor:
@@ -61,15 +58,12 @@ def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out + b
 
 
-def project_heads(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-                  per_head: torch.Tensor | None, head_idx: torch.Tensor | None) -> torch.Tensor:
-    """Project the shared input for all heads, then redo the heads listed in head_idx from
-    their own inputs per_head [N, P, len(head_idx), d]."""
-    out = project(x, W, b)
-    if head_idx is not None and len(head_idx):
-        out = out.clone()
-        out[:, :, head_idx] = project(per_head, W[head_idx], b[head_idx])
-    return out
+def project_receivers(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, N: int, P: int) -> torch.Tensor:
+    """Each receiver's own projection. x: [n, N·P, d] (receiver-major); W: [n, d, e].
+
+    Returns [N, P, n, e] (a view)."""
+    out = torch.baddbmm(b[:, None, :], x, W)
+    return out.view(W.shape[0], N, P, W.shape[2]).permute(1, 2, 0, 3)
 
 
 def rotate(arch: Arch, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

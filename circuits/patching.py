@@ -67,24 +67,76 @@ class _Deltas:
                  like: torch.Tensor):
         self.n_shared = 0 if prefix_delta is None else prefix_delta.shape[0]
         self.shared = None if prefix_delta is None else prefix_delta.reshape(self.n_shared, -1)
-        self.own = like.new_zeros(V, n_own, B * P * d) if n_own else None
+        self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
         self.V, self.B, self.P, self.d = V, B, P, d
 
-    def put(self, s: int, delta: torch.Tensor) -> None:
-        self.own[:, s - self.n_shared] = delta.reshape(self.V, -1)
+    def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
+        V, B, P, d = self.V, self.B, self.P, self.d
+        torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
 
-    def patch(self, coef: torch.Tensor, n_senders: int) -> torch.Tensor:
-        """coef: [V, n_senders, R] → patch [V·B, P, R, d]."""
+    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
+        """coef: [V, n_senders − first, R] for senders [first, n_senders) → [R, V·B·P, d],
+        receiver-major."""
         V, R = coef.shape[0], coef.shape[2]
         out = None
-        ns = min(self.n_shared, n_senders)
+        ns = max(0, min(self.n_shared, n_senders) - first)
         if ns:
-            out = coef[:, :ns].transpose(1, 2) @ self.shared[:ns]          # [V, R, BPd]
-        if n_senders > ns:
-            own = torch.bmm(coef[:, ns:n_senders].transpose(1, 2), self.own[:, : n_senders - ns])
-            out = own if out is None else out + own
-        out = out.view(V, R, self.B, self.P, self.d).permute(0, 2, 3, 1, 4)
-        return out.reshape(V * self.B, self.P, R, self.d)
+            out = coef[:, :ns].transpose(1, 2) @ self.shared[first : first + ns]   # [V, R, BPd]
+        lo = max(first, self.n_shared)
+        if n_senders > lo:
+            own = torch.bmm(coef[:, lo - first :].transpose(1, 2),
+                            self.own[:, lo - self.n_shared : n_senders - self.n_shared])
+            out = own if out is None else out.add_(own)
+        BP = self.B * self.P
+        if V == 1:
+            return out.view(R, BP, self.d)
+        return out.view(V, R, BP, self.d).transpose(0, 1).reshape(R, V * BP, self.d)
+
+
+def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
+    """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
+
+    Receivers whose coefficient columns are identical (typically: every edge ablated) share one
+    patched input, so a sparse circuit costs a few extra projections, not one per receiver.
+    """
+    N, P, d = resid.shape
+    shared_norm = None
+    inputs = inverse = None
+    mlp_patch = None
+    if len(cols) or mlp_col >= 0:
+        V = coef.shape[0]
+        idx = (c0 + cols).tolist() + ([mlp_col] if mlp_col >= 0 else [])
+        key = coef[:, :s0, idx].permute(2, 0, 1).reshape(len(idx), V * s0)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        patches = deltas.patch(uniq.view(-1, V, s0).permute(1, 2, 0), s0)       # [n_u, N·P, d]
+        if mlp_col >= 0:
+            mlp_patch = patches[inverse[-1]]
+            inverse = inverse[:-1]
+        if len(cols):
+            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1)
+    group_of = dict(zip(cols.tolist(), [] if inverse is None else inverse.tolist()))
+    out = []
+    H, KV = arch.n_heads, arch.n_kv_heads
+    for offset, n, W, b in ((0, H, lw.W_Q, lw.b_Q), (H, KV, lw.W_K, lw.b_K), (H + KV, KV, lw.W_V, lw.b_V)):
+        by_input: dict[int, list[int]] = {}
+        plain = []
+        for h in range(n):
+            u = group_of.get(offset + h)
+            (plain if u is None else by_input.setdefault(u, [])).append(h)
+        if not by_input:
+            if shared_norm is None:
+                shared_norm = C.norm(arch, resid, lw.ln1)
+            out.append(C.project(shared_norm, W, b))
+            continue
+        t = resid.new_empty(N, P, n, W.shape[2])
+        if plain:
+            if shared_norm is None:
+                shared_norm = C.norm(arch, resid, lw.ln1)
+            t[:, :, plain] = C.project(shared_norm, W[plain], b[plain])
+        for u, heads in by_input.items():
+            t[:, :, heads] = C.project(inputs[u].view(N, P, d), W[heads], b[heads])
+        out.append(t)
+    return (*out, mlp_patch)
 
 
 def embed(w: Weights, tokens: torch.Tensor) -> torch.Tensor:
@@ -150,7 +202,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         if record:
             outputs[s] = out
         if deltas is not None:
-            deltas.put(s, ablated[s] - out.reshape(V, B, P, d))
+            deltas.put(s, ablated[s], out)
 
     if V > 1:
         resid = resid.repeat(V, 1, 1)
@@ -168,21 +220,13 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         s0 = graph.sender_start[layer]
         if record:
             resid_log.append(resid)
-        # ---- attention receivers: q, k, v of each head ----
+        # ---- attention receivers: q, k, v of each head (and the MLP's share, fused) ----
         c0, c1 = graph.attn_cols[layer]
-        h_shared = C.norm(arch, resid, lw.ln1)
+        col = graph.mlp_col[layer]
         cols = torch.nonzero(active[c0:c1]).flatten()
-        per_recv = None
-        if len(cols):
-            patch = deltas.patch(coef[:, :s0, c0 + cols], s0)
-            per_recv = C.norm(arch, resid.unsqueeze(2) + patch, lw.ln1)  # [N, P, n_cols, d]
-        qkv = []
-        H, KV = arch.n_heads, arch.n_kv_heads
-        for offset, n, W, b in ((0, H, lw.W_Q, lw.b_Q), (H, KV, lw.W_K, lw.b_K), (H + KV, KV, lw.W_V, lw.b_V)):
-            sel = ((cols >= offset) & (cols < offset + n)).nonzero().flatten()
-            idx = cols[sel] - offset if len(sel) else None
-            qkv.append(C.project_heads(h_shared, W, b, None if idx is None else per_recv[:, :, sel], idx))
-        q, k, v = qkv
+        fuse_mlp = col >= 0 and bool(active[col])
+        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0)
+        H = arch.n_heads
         if taps:
             tap[("attn", layer)] = (resid, q, k, v)
         if cos is not None:
@@ -198,11 +242,12 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
             continue
         # ---- MLP receiver ----
         mid = resid if arch.parallel else resid + attn_out
-        col = graph.mlp_col[layer]
         x = mid
-        if active[col]:
+        if fuse_mlp:
             n_in = int(graph.n_inputs[col])
-            x = mid + deltas.patch(coef[:, :n_in, col : col + 1], n_in)[:, :, 0]
+            x = mid + mlp_patch.view(mid.shape)
+            if n_in > s0:                                    # the layer's own heads (sequential)
+                x = x + deltas.patch(coef[:, s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
         h2 = C.norm(arch, x, lw.ln2)
         if taps:
             tap[("mlp", layer)] = (x, h2)
@@ -218,7 +263,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     col = graph.logits_col
     x = resid
     if active[col]:
-        x = resid + deltas.patch(coef[:, :, col : col + 1], graph.n_senders)[:, :, 0]
+        x = resid + deltas.patch(coef[:, :, col : col + 1], graph.n_senders).view(resid.shape)
     if positions is not None:
         x = x[torch.arange(x.shape[0], device=x.device), positions]
     hf = C.norm(arch, x, w.ln_final)

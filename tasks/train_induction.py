@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import random
 import time
@@ -43,8 +44,10 @@ DEFAULT_OUT = REPO / "circuits" / "builtin" / "induction-2l"
 
 VOCAB = 64
 BOS = 0
-MIN_LEN, MAX_LEN = 8, 15  # length of the repeated chunk r
-NO_REPEAT_FRAC = 0.25
+MIN_LEN, MAX_LEN = 8, 15  # length of r in the eval/analysis format [BOS] + r + r
+TRAIN_MIN_LEN, TRAIN_MAX_LEN = 4, 20  # length of r during training
+MAX_PAD = 20  # extra random filler tokens during training (1 + 2*20 + 20 <= 64)
+NO_REPEAT_FRAC = 0.1
 TARGET_ACC = 0.97  # stop criterion (spec requires >= 0.95)
 SCORE_THRESHOLD = 0.4  # attention-score threshold for reporting a head
 ABLATION_DROP = 0.10  # a head "matters" if mean-ablating it drops acc by this much
@@ -67,18 +70,29 @@ def repeated_batch(batch: int, length: int, gen: torch.Generator) -> torch.Tenso
     return torch.cat([bos, r, r], dim=1)
 
 
-def random_batch(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """[BOS] + 2*length uniform random content tokens (no planned repeat)."""
-    toks = torch.randint(1, VOCAB, (batch, 2 * length), generator=gen)
-    bos = torch.full((batch, 1), BOS, dtype=torch.long)
-    return torch.cat([bos, toks], dim=1)
-
-
 def train_batch(batch: int, gen: torch.Generator) -> torch.Tensor:
-    length = int(torch.randint(MIN_LEN, MAX_LEN + 1, (1,), generator=gen))
-    n_rand = int(round(batch * NO_REPEAT_FRAC))
-    x = torch.cat([repeated_batch(batch - n_rand, length, gen),
-                   random_batch(n_rand, length, gen)], dim=0)
+    """Training batch: random content tokens with r + r planted at a random offset.
+
+    Each batch picks L in [TRAIN_MIN_LEN, TRAIN_MAX_LEN] and an amount of extra
+    filler ``pad`` in [0, MAX_PAD]; rows are ``[BOS]`` + ``2L + pad`` random
+    content tokens in which ``r + r`` (r = L distinct tokens) starts at a random
+    offset in [0, pad] (offset 0 with pad 0 is exactly the eval format
+    ``[BOS] + r + r``).  A ``NO_REPEAT_FRAC`` fraction of rows has nothing planted.
+    Varying the length and offset rules out positional shortcuts (with a fixed
+    ``[BOS] + r + r`` layout the model otherwise learns fixed-offset lookups
+    instead of previous-token + induction heads).
+    """
+    L = int(torch.randint(TRAIN_MIN_LEN, TRAIN_MAX_LEN + 1, (1,), generator=gen))
+    pad = int(torch.randint(0, MAX_PAD + 1, (1,), generator=gen))
+    x = torch.randint(1, VOCAB, (batch, 1 + 2 * L + pad), generator=gen)
+    x[:, 0] = BOS
+    n_rep = batch - int(round(batch * NO_REPEAT_FRAC))
+    r = torch.rand(n_rep, VOCAB - 1, generator=gen).argsort(dim=1)[:, :L] + 1
+    start = torch.randint(0, pad + 1, (n_rep, 1), generator=gen)
+    idx = 1 + start + torch.arange(L)
+    rows = x[:n_rep]
+    rows.scatter_(1, idx, r)
+    rows.scatter_(1, idx + L, r)
     return x[torch.randperm(batch, generator=gen)]
 
 
@@ -169,7 +183,8 @@ def seed_everything(seed: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=20000, help="maximum training steps")
+    ap.add_argument("--steps", type=int, default=4000,
+                    help="training steps (length of the lr schedule; stops early at --target-acc)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -183,8 +198,13 @@ def main() -> None:
     model = GPT2LMHeadModel(make_config())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr,
                             weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    warmup = args.warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    def lr_factor(s: int) -> float:  # linear warmup, then cosine decay to 10% at --steps
+        if s < args.warmup:
+            return (s + 1) / args.warmup
+        frac = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
     val = eval_sets(32, seed=10_000 + args.seed)
 
