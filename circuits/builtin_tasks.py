@@ -15,6 +15,7 @@ class TaskSpec:
     name: str
     description: str
     build: Callable[..., Task]
+    example: dict | None = None
 
 
 def induction(model, n: int = 64, seed: int = 0, half: int = 10) -> Task:
@@ -41,8 +42,13 @@ def induction(model, n: int = 64, seed: int = 0, half: int = 10) -> Task:
 
 TASKS: dict[str, TaskSpec] = {
     "induction": TaskSpec("induction", "repeated random tokens; predict the next repeated token",
-                          induction),
+                          induction, {"clean": "<bos> 7 31 12 ... 7 31", "corrupted": "<bos> 44 9 25 ... 7 31",
+                                      "answer": "12", "wrong": "25"}),
 }
+
+
+def example_pair(name: str) -> dict | None:
+    return TASKS[name].example
 
 
 def is_builtin(name: str) -> bool:

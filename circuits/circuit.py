@@ -96,7 +96,23 @@ def save(circuit: Circuit, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def load(path: str | Path, graph: Graph) -> Circuit:
+def graph_from_summary(summary: dict) -> Graph:
+    """The graph a circuit file was made on, rebuilt from its summary (no model needed)."""
+    from circuits import graph as graph_mod
+    from circuits.adapters import Arch, Norm, Positional
+    try:
+        arch = Arch(family=summary.get("family", "unknown"), n_layers=int(summary["n_layers"]),
+                    n_heads=int(summary["n_heads"]), n_kv_heads=int(summary.get("n_kv_heads", summary["n_heads"])),
+                    d_model=0, d_head=0, d_mlp=0 if not summary.get("has_mlp", True) else 1, d_vocab=0, n_ctx=0,
+                    norm=Norm.NONE, norm_eps=0.0, positional=Positional.NONE,
+                    parallel=bool(summary.get("parallel", False)), attn_only=not summary.get("has_mlp", True))
+    except (KeyError, TypeError, ValueError):
+        raise CircuitFileError("the circuit file's graph summary is incomplete") from None
+    return graph_mod.build(arch)
+
+
+def load(path: str | Path, graph: Graph | None = None) -> Circuit:
+    """Read a circuits JSON file; without a graph, the file's own graph summary is used."""
     path = Path(path)
     if not path.is_file():
         raise CircuitFileError(f"{path}: no such circuit file")
@@ -104,6 +120,10 @@ def load(path: str | Path, graph: Graph) -> Circuit:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CircuitFileError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if graph is None:
+        if data.get("schema") != SCHEMA:
+            raise CircuitFileError(f"{path}: not a circuits file (schema {data.get('schema')!r})")
+        graph = graph_from_summary(data.get("graph", {}))
     return from_dict(data, graph, str(path))
 
 

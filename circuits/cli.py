@@ -138,7 +138,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     from circuits.cli_discover import add_discover
+    from circuits.cli_tools import add_tools
     add_discover(sub, _add_common)
+    add_tools(sub, _add_common)
     return ap
 
 

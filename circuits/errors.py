@@ -3,7 +3,8 @@
 from circuits.adapters import UnsupportedModel
 from circuits.circuit import CircuitFileError
 from circuits.models import ModelLoadError
+from circuits.render import RenderError
 from circuits.tasks import TaskError
 
-USER_ERRORS = (UnsupportedModel, CircuitFileError, ModelLoadError, TaskError, FileNotFoundError,
-               ValueError)
+USER_ERRORS = (UnsupportedModel, CircuitFileError, ModelLoadError, TaskError, RenderError,
+               FileNotFoundError, ValueError)

@@ -1,0 +1,205 @@
+"""`circuits verify | render | export | compare | tasks`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+EXPORT_FORMATS = ("json", "mib-json", "mib-pt", "graphml", "node-link", "dot")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def cmd_verify(args) -> int:
+    import math
+    from circuits import circuit as circuit_io
+    from circuits import discover, evaluation, patching, verify
+    from circuits.cli import EXIT_BAR, _load_model_and_task, _print_json
+
+    model, task = _load_model_and_task(args)
+    circ = circuit_io.load(args.circuit, model.graph)
+    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    mask = circ.mask & model.graph.allowed
+    empty, full = verify.baselines(setup)
+    m_c = setup.metric(mask).mean().item()
+    report = {"circuit": args.circuit, "model": args.model, "task": task.name, "metric": task.metric.value,
+              "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": model.graph.n_edges,
+              "faithfulness": {"normalized": (m_c - empty) / (full - empty) if full != empty else math.nan,
+                               "raw": m_c, "empty": empty, "model": full}}
+    if circ.scores is not None:
+        points = verify.faithfulness_curve(setup, circ.scores)
+        cpr, cmd = verify.cpr_cmd(points)
+        report["curve"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
+    report["completeness"] = verify.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed)
+    report["minimality"] = verify.minimality(setup, mask)
+    report["ablation_sensitivity"] = verify.ablation_sensitivity(setup, mask)
+    if args.stability > 0:
+        method = circ.provenance.get("method")
+        params = circ.provenance.get("parameters", {})
+        if method in (None, "acdc", "hybrid"):
+            report["stability"] = {"skipped": "stability needs a scoring method recorded in the circuit file"}
+        else:
+            n = int(mask.sum())
+            from circuits import methods, select
+            spec = methods.get(method)
+            kwargs = {k: v for k, v in params.items() if k in spec.defaults}
+
+            def rediscover(boot):
+                return select.prune(boot.graph, select.top_n(boot.graph, spec.score(boot, **kwargs), n))
+            report["stability"] = verify.stability(setup, mask, rediscover, n_boot=args.stability, seed=args.seed)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    if args.json:
+        _print_json(report)
+    else:
+        f = report["faithfulness"]
+        print(f"{args.circuit}: {report['edges']} of {report['total_edges']} edges, {task.name}, "
+              f"{task.metric.value}, {args.ablation} ablation")
+        print(f"  faithfulness        {f["normalized"]:.4f}  (raw {f["raw"]:.4g}; empty {f["empty"]:.4g}, model {f["model"]:.4g})")
+        if "curve" in report:
+            c = report["curve"]
+            print("  curve               " + "  ".join(f"{p['percent']:g}%:{p['faithfulness']:.2f}" for p in c["points"]))
+            print(f"  CPR {c['CPR']:.4f}   CMD {c['CMD']:.4f}")
+        comp = report["completeness"]
+        print(f"  completeness        worst gap {_fmt(comp['worst_gap'])}, median {_fmt(comp['median_gap'])}"
+              + (f"  (worst: knock out {', '.join(comp['worst']['knocked_out'])})" if comp["worst"] else ""))
+        mini = report["minimality"]
+        print(f"  minimality          not needed: {', '.join(mini['not_needed']) or 'none'}")
+        print("  ablation            " + "  ".join(f"{k} {v:.3f}" for k, v in report["ablation_sensitivity"].items()))
+        if "stability" in report and "mean_jaccard" in report["stability"]:
+            print(f"  stability           mean Jaccard {report['stability']['mean_jaccard']:.3f} "
+                  f"over {report['stability']['bootstraps']} bootstraps")
+    if args.min_faithfulness is not None and not report["faithfulness"]["normalized"] >= args.min_faithfulness:
+        print(f"circuits: faithfulness {report['faithfulness']['normalized']:.4f} is below "
+              f"--min-faithfulness {args.min_faithfulness}", file=__import__("sys").stderr)
+        return EXIT_BAR
+    return 0
+
+
+def cmd_render(args) -> int:
+    from circuits import circuit as circuit_io
+    from circuits import render
+    circ = circuit_io.load(args.circuit)
+    title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({circ.n_edges} edges)"
+    out = render.render(render.to_dot(circ, title=title.strip()), args.output)
+    print(f"wrote {out}" + (f" and {Path(args.output).with_suffix('.dot')}" if out.suffix != ".dot" else ""))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from circuits import circuit as circuit_io
+    from circuits import io, render
+    circ = circuit_io.load(args.circuit)
+    fmt = args.format
+    writers = {"json": circuit_io.save, "mib-json": io.save_mib_json, "mib-pt": io.save_mib_pt,
+               "graphml": io.save_graphml, "node-link": io.save_node_link,
+               "dot": lambda c, p: Path(p).write_text(render.to_dot(c))}
+    writers[fmt](circ, args.output)
+    print(f"wrote {args.output} ({fmt})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from circuits import circuit as circuit_io
+    from circuits import io, models
+    model = models.load(args.model, seed=args.seed)
+    readers = {"mib": io.load_mib, "graphml": io.load_graphml, "node-link": io.load_node_link}
+    circ = readers[args.format](args.file, model.graph)
+    circ = circuit_io.Circuit(circ.graph, circ.mask, circ.scores, {**circ.provenance, "model": args.model})
+    circuit_io.save(circ, args.output)
+    print(f"wrote {args.output}: {circ.n_edges} edges")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from circuits import circuit as circuit_io
+    from circuits import compare, render
+    from circuits.cli import _print_json
+    if len(args.circuits) < 2:
+        raise ValueError("compare needs at least two circuit files")
+    circuits = [circuit_io.load(p) for p in args.circuits]
+    reports = [compare.compare(circuits[i], circuits[j], args.circuits[i], args.circuits[j])
+               for i in range(len(circuits)) for j in range(i + 1, len(circuits))]
+    if args.json:
+        _print_json([r.as_dict() for r in reports])
+    else:
+        print("\n\n".join(compare.format_report(r) for r in reports))
+    if args.output:
+        a, b = circuits[0], circuits[1]
+        out = render.render(compare.diff_dot(a, b, title=f"{args.circuits[0]} (blue) vs {args.circuits[1]} (pink)"),
+                            args.output)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from circuits.builtin_tasks import TASKS, example_pair
+    from circuits.cli import _print_json
+    rows = []
+    for name, spec in TASKS.items():
+        rows.append({"name": name, "description": spec.description, "example": example_pair(name)})
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['name']:<14} {r['description']}")
+            ex = r["example"]
+            if ex:
+                print(f"{'':<14} e.g. clean {ex['clean']!r} -> {ex['answer']!r}; corrupted {ex['corrupted']!r}")
+        print("\nOr a JSONL/CSV file with fields clean, corrupted, answer, wrong (see README).")
+    return 0
+
+
+def add_tools(sub, add_common) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("verify", help="faithfulness, curve (CPR/CMD), completeness, minimality, ablations, stability",
+                       epilog="example: circuits verify circuit.json induction-2l induction --min-faithfulness 0.8",
+                       formatter_class=fmt)
+    p.add_argument("circuit")
+    p.add_argument("model")
+    p.add_argument("task")
+    p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
+    p.add_argument("--min-faithfulness", type=float, help="exit 1 when normalized faithfulness is below this")
+    p.add_argument("--subsets", type=int, default=16, help="completeness: random knock-out subsets (default 16)")
+    p.add_argument("--stability", type=int, default=0, help="bootstrap rediscoveries (default 0: skip)")
+    p.add_argument("--out", help="write the JSON report here")
+    add_common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("render", help="draw a circuit (SVG/PNG/PDF; the DOT file is always written)",
+                       epilog="example: circuits render circuit.json -o circuit.svg", formatter_class=fmt)
+    p.add_argument("circuit")
+    p.add_argument("-o", "--output", default="circuit.svg")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("export", help="write a circuit in another format",
+                       epilog="example: circuits export circuit.json --format mib-pt -o circuit.pt", formatter_class=fmt)
+    p.add_argument("circuit")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="read an MIB/EAP-IG, GraphML or node-link circuit into a circuits file",
+                       epilog="example: circuits import mib_circuit.pt --format mib --model random:gpt2-small -o c.json",
+                       formatter_class=fmt)
+    p.add_argument("file")
+    p.add_argument("--format", required=True, choices=["mib", "graphml", "node-link"])
+    p.add_argument("--model", required=True, help="the model the circuit belongs to")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("compare", help="compare circuits (methods, seeds, checkpoints, models)",
+                       epilog="example: circuits compare eap.json acdc.json -o diff.svg", formatter_class=fmt)
+    p.add_argument("circuits", nargs="+")
+    p.add_argument("-o", "--output", help="diff drawing of the first two (same model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tasks", help="list built-in tasks", epilog="example: circuits tasks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tasks)

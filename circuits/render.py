@@ -1,0 +1,129 @@
+"""Circuit diagrams: DOT text (always), rendered to SVG/PNG/PDF by `dot` or `graphviz-pure`.
+
+Layout: layered by depth, input at the bottom and logits at the top; heads are ellipses, MLPs
+boxes, input and logits grey; edges into q/k/v are labelled; edge colour gives the score's sign
+(blue: supports the behaviour, red: works against it) and width its size.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from circuits.circuit import Circuit
+from circuits.graph import Channel
+
+FORMATS = ("svg", "png", "pdf")
+POSITIVE, NEGATIVE, NEUTRAL = "#2b6cb0", "#c53030", "#555555"
+
+
+class RenderError(RuntimeError):
+    """No renderer available, or the renderer failed."""
+
+
+def edge_id(name: str) -> str:
+    """A DOT/SVG-safe id for an edge name."""
+    return name.replace("->", "__").replace("<", "_").replace(">", "").replace(".", "_")
+
+
+def _node_style(name: str, layer_colours: list[str]) -> str:
+    if name in ("input", "logits"):
+        return 'shape=box, style="filled,rounded", fillcolor="#e2e8f0"'
+    if name.startswith("m"):
+        return 'shape=box, style=filled, fillcolor="#fbd38d"'
+    layer = int(name[1:].split(".")[0])
+    return f'shape=ellipse, style=filled, fillcolor="{layer_colours[layer % len(layer_colours)]}"'
+
+
+def to_dot(circuit: Circuit, title: str | None = None, node_colours: dict[str, str] | None = None,
+           edge_colours: dict[str, str] | None = None) -> str:
+    """DOT text of a circuit's edges. node_colours/edge_colours override fills and edge colours
+    (used by comparison diffs)."""
+    g = circuit.graph
+    mask = circuit.mask & g.allowed
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    scores = circuit.scores
+    mags = scores[rows, cols].abs() if scores is not None and len(rows) else torch.ones(len(rows))
+    top = float(mags.max()) if len(mags) and float(mags.max()) > 0 else 1.0
+    nodes = set()
+    lines = ["digraph circuit {", '  rankdir=BT; ranksep=0.6; nodesep=0.25; splines=true;',
+             '  node [fontname="Helvetica", fontsize=11]; edge [fontname="Helvetica", fontsize=9, arrowsize=0.5];']
+    if title:
+        lines.append(f'  labelloc=t; label="{title}";')
+    edges = []
+    for i, (s, r) in enumerate(zip(rows.tolist(), cols.tolist())):
+        name = g.edge_name(s, r)
+        rec = g.receivers[r]
+        target_nodes = [g.nodes[n] for n in g.receiver_nodes(r)]
+        sender = g.senders[s]
+        nodes.add(sender)
+        score = float(scores[s, r]) if scores is not None else 0.0
+        colour = (edge_colours or {}).get(name) or (POSITIVE if score > 0 else NEGATIVE if score < 0 else NEUTRAL)
+        width = 0.6 + 4.4 * float(mags[i]) / top
+        label = rec.channel.value if rec.channel in (Channel.Q, Channel.K, Channel.V) else ""
+        if label and g.arch.grouped and rec.channel is not Channel.Q:
+            label = f"{label}{rec.index}"
+        for t in target_nodes:
+            nodes.add(t)
+            attrs = [f'id="{edge_id(name)}"' if len(target_nodes) == 1 else f'id="{edge_id(name)}__{t.replace(".", "_")}"',
+                     f'color="{colour}"', f"penwidth={width:.2f}", f'tooltip="{name} score {score:.4g}"']
+            if label:
+                attrs.append(f'label="{label}"')
+            edges.append(f'  "{sender}" -> "{t}" [{", ".join(attrs)}];')
+    palette = ["#bee3f8", "#c6f6d5", "#fed7e2", "#e9d8fd", "#fefcbf", "#b2f5ea"]
+    by_rank: dict[int, list[str]] = {}
+    for n in nodes:
+        if n == "input":
+            rank = 0
+        elif n == "logits":
+            rank = 2 * g.arch.n_layers + 2
+        elif n.startswith("m"):
+            layer = int(n[1:])
+            rank = 2 * layer + (1 if g.arch.parallel else 2)
+        else:
+            rank = 2 * int(n[1:].split(".")[0]) + 1
+        by_rank.setdefault(rank, []).append(n)
+    for rank in sorted(by_rank):
+        members = sorted(by_rank[rank])
+        for n in members:
+            style = _node_style(n, palette)
+            if node_colours and n in node_colours:
+                style += f', fillcolor="{node_colours[n]}"'
+            lines.append(f'  "{n}" [id="node_{n.replace(".", "_")}", {style}];')
+        lines.append("  { rank=same; " + " ".join(f'"{n}";' for n in members) + " }")
+    lines += edges
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def renderer() -> list[str] | None:
+    """The command that renders DOT: Graphviz `dot` when installed, else `graphviz-pure`."""
+    for name in ("dot", "graphviz-pure"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def render(dot_text: str, out: str | Path) -> Path:
+    """Write `out` (.svg/.png/.pdf) and, always, the DOT text next to it (`out` with .dot)."""
+    out = Path(out)
+    fmt = out.suffix.lstrip(".").lower()
+    dot_path = out.with_suffix(".dot")
+    dot_path.write_text(dot_text)
+    if fmt == "dot":
+        return dot_path
+    if fmt not in FORMATS:
+        raise RenderError(f"cannot render to .{fmt}; choose one of {', '.join(FORMATS)} or .dot")
+    cmd = renderer()
+    if cmd is None:
+        raise RenderError(f"no DOT renderer found; the DOT file is at {dot_path}. Install one: "
+                          f"`pip install graphviz-pure` (pure, no system packages) or Graphviz "
+                          f"(`apt-get install graphviz`)")
+    done = subprocess.run(cmd + [f"-T{fmt}", str(dot_path), "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RenderError(f"{Path(cmd[0]).name} failed on {dot_path}: {done.stderr.strip()[:500]}")
+    return out
