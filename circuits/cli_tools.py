@@ -58,7 +58,7 @@ def cmd_verify(args) -> int:
         f = report["faithfulness"]
         print(f"{args.circuit}: {report['edges']} of {report['total_edges']} edges, {task.name}, "
               f"{task.metric.value}, {args.ablation} ablation")
-        print(f"  faithfulness        {f["normalized"]:.4f}  (raw {f["raw"]:.4g}; empty {f["empty"]:.4g}, model {f["model"]:.4g})")
+        print(f"  faithfulness        {f['normalized']:.4f}  (raw {f['raw']:.4g}; empty {f['empty']:.4g}, model {f['model']:.4g})")
         if "curve" in report:
             c = report["curve"]
             print("  curve               " + "  ".join(f"{p['percent']:g}%:{p['faithfulness']:.2f}" for p in c["points"]))
