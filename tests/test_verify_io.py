@@ -1,0 +1,172 @@
+"""Verifier figures against hand computation; exports round-trip; rendering draws everything."""
+
+import json
+import re
+
+import networkx as nx
+import pytest
+import torch
+
+from circuits import circuit as circuit_io
+from circuits import compare, evaluation, io, methods, render, select, verify
+from circuits.graph import build
+from circuits.models import Model
+from circuits.tasks import from_pairs
+
+from conftest import load_model, random_task
+from test_patching import micro_model
+
+
+def micro_setup():
+    w = micro_model()
+    model = Model("micro", w, build(w.arch), None, None, {})
+    task = from_pairs("micro", [[0, 1, 2]], [[2, 2, 0]], [[0]], [[1]])
+    return model, evaluation.prepare(model, task)
+
+
+def test_faithfulness_matches_hand_computation():
+    model, setup = micro_setup()
+    g = model.graph
+    E = model.weights.W_E
+    x, xc = E[[0, 1, 2]], E[[2, 2, 0]]
+    m = lambda v: (v[0] - v[1]).item()                # logit diff: token 0 minus token 1
+    m_full = m(x[2] + x.mean(0))                      # clean
+    m_empty = m(xc[2] + xc.mean(0))                   # everything corrupted
+    circuit = g.mask_from_edges(["a0.h0->logits", "input->a0.h0<v>"])
+    m_circ = m(xc[2] + x.mean(0))                     # input->logits reads the corrupted input
+    f = setup.faithfulness(circuit)
+    assert f["model"] == pytest.approx(m_full)
+    assert f["empty"] == pytest.approx(m_empty)
+    assert f["circuit"] == pytest.approx(m_circ)
+    assert f["faithfulness"] == pytest.approx((m_circ - m_empty) / (m_full - m_empty))
+    assert setup.faithfulness(g.full_mask())["faithfulness"] == pytest.approx(1.0)
+
+
+def test_minimality_and_completeness_on_the_micro_model():
+    model, setup = micro_setup()
+    g = model.graph
+    full = g.full_mask()
+    mini = verify.minimality(setup, full)
+    # Without the head, the logits read only the input: f = (m(x2 + mean xc) - m_empty) / (...)
+    E = model.weights.W_E
+    x, xc = E[[0, 1, 2]], E[[2, 2, 0]]
+    m = lambda v: (v[0] - v[1]).item()
+    m_full, m_empty = m(x[2] + x.mean(0)), m(xc[2] + xc.mean(0))
+    f_no_head = (m(x[2] + xc.mean(0)) - m_empty) / (m_full - m_empty)
+    assert mini["drop"]["a0.h0"] == pytest.approx(1 - f_no_head)
+    comp = verify.completeness(setup, full)
+    assert comp["worst_gap"] == pytest.approx(0.0, abs=1e-6)   # the full model is complete
+
+
+def test_cpr_cmd_follow_the_mib_trapezoid():
+    fs = [0.0, 0.1, 0.3, 0.2, 0.5, 0.7, 0.9, 1.1, 1.0, 1.0]
+    points = [verify.CurvePoint(p, 0, f) for p, f in zip(verify.MIB_PERCENTS, fs)]
+    cpr, cmd = verify.cpr_cmd(points)
+    xs = [p / 100 for p in verify.MIB_PERCENTS]
+    want_cpr = sum((xs[i + 1] - xs[i]) * (fs[i] + fs[i + 1]) / 2 for i in range(9))
+    want_cmd = sum((xs[i + 1] - xs[i]) * (abs(1 - fs[i]) + abs(1 - fs[i + 1])) / 2 for i in range(9))
+    assert cpr == pytest.approx(want_cpr) and cmd == pytest.approx(want_cmd)
+    ones = [verify.CurvePoint(p, 0, 1.0) for p in verify.MIB_PERCENTS]
+    assert verify.cpr_cmd(ones) == (pytest.approx(0.999), pytest.approx(0.0))
+
+
+def test_curve_ends_at_full_model():
+    model = load_model("random:gpt2-tiny")
+    setup = evaluation.prepare(model, random_task(model))
+    scores = methods.get("eap").score(setup)
+    points = verify.faithfulness_curve(setup, scores)
+    assert points[-1].edges == model.graph.n_edges
+    assert points[-1].faithfulness == pytest.approx(1.0)
+
+
+def circuit_with_scores():
+    model = load_model("random:gpt2-tiny")
+    setup = evaluation.prepare(model, random_task(model))
+    scores = methods.get("eap").score(setup)
+    mask = select.prune(model.graph, select.top_n(model.graph, scores, 20))
+    return model, circuit_io.Circuit(model.graph, mask, scores, {"model": "random:gpt2-tiny", "method": "eap"})
+
+
+def same(a, b):
+    assert torch.equal(a.mask & a.graph.allowed, b.mask & b.graph.allowed)
+    assert torch.allclose(a.scores * a.graph.allowed, b.scores * b.graph.allowed)
+
+
+def test_own_json_round_trip(tmp_path):
+    model, c = circuit_with_scores()
+    circuit_io.save(c, tmp_path / "c.json")
+    back = circuit_io.load(tmp_path / "c.json", model.graph)
+    same(c, back)
+    assert back.provenance["method"] == "eap"
+    no_model = circuit_io.load(tmp_path / "c.json")
+    assert torch.equal(no_model.mask, back.mask)
+
+
+def test_mib_json_and_pt_layout_and_round_trip(tmp_path):
+    model, c = circuit_with_scores()
+    io.save_mib_json(c, tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert set(data) == {"cfg", "nodes", "edges"}
+    assert data["cfg"]["n_layers"] == 2 and data["cfg"]["parallel_attn_mlp"] is False
+    some = next(iter(data["edges"].values()))
+    assert set(some) == {"score", "in_graph"}
+    assert len(data["edges"]) == model.graph.n_edges
+    same(c, io.load_mib(tmp_path / "c.json", model.graph))
+    io.save_mib_pt(c, tmp_path / "c.pt")
+    d = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"} <= set(d)
+    assert d["edges_scores"].shape == (model.graph.n_senders, model.graph.n_receivers)
+    same(c, io.load_mib(tmp_path / "c.pt", model.graph))
+
+
+def test_mib_refuses_grouped_query_models():
+    model = load_model("random:llama-tiny")
+    c = circuit_io.Circuit(model.graph, model.graph.full_mask(), None, {})
+    with pytest.raises(circuit_io.CircuitFileError, match="grouped-query"):
+        io.to_mib(c)
+
+
+@pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny"])
+def test_graphml_node_link_networkx_round_trip(tmp_path, spec):
+    model = load_model(spec)
+    g = model.graph
+    gen = torch.Generator().manual_seed(0)
+    c = circuit_io.Circuit(g, torch.rand(g.n_senders, g.n_receivers, generator=gen) > 0.5,
+                           torch.randn(g.n_senders, g.n_receivers, generator=gen), {"x": 1})
+    assert isinstance(io.to_networkx(c), nx.DiGraph)
+    same(c, io.from_networkx(io.to_networkx(c), g))
+    io.save_graphml(c, tmp_path / "c.graphml")
+    same(c, io.load_graphml(tmp_path / "c.graphml", g))
+    io.save_node_link(c, tmp_path / "c.nl.json")
+    same(c, io.load_node_link(tmp_path / "c.nl.json", g))
+
+
+def test_rendered_svg_draws_every_node_and_edge(tmp_path):
+    model, c = circuit_with_scores()
+    out = render.render(render.to_dot(c, title="t"), tmp_path / "c.svg")
+    svg = out.read_text()
+    assert (tmp_path / "c.dot").is_file()
+    drawn_nodes = set(re.findall(r'<g id="node_([^"]+)" class="node">', svg))
+    assert {n.replace(".", "_") for n in c.node_names()} == drawn_nodes
+    drawn_edges = set(re.findall(r'<g id="([^"]+)" class="edge">', svg))
+    assert {render.edge_id(e) for e in c.edge_names()} == drawn_edges
+
+
+def test_render_without_renderer_fails_clearly(tmp_path, monkeypatch):
+    model, c = circuit_with_scores()
+    monkeypatch.setattr(render, "renderer", lambda: None)
+    with pytest.raises(render.RenderError, match="pip install graphviz-pure"):
+        render.render(render.to_dot(c), tmp_path / "c.svg")
+    assert (tmp_path / "c.dot").is_file()
+
+
+def test_compare_same_model_and_across_models():
+    model, c = circuit_with_scores()
+    other = circuit_io.Circuit(c.graph, select.top_n(c.graph, c.scores, 10), c.scores, {})
+    r = compare.compare(c, other)
+    assert r.comparable == "edges" and 0 < r.figures["edge_jaccard"] < 1
+    big = load_model("random:llama-tiny")
+    deep = circuit_io.Circuit(big.graph, big.graph.full_mask(), None, {})
+    r2 = compare.compare(c, deep)
+    assert r2.comparable == "relative-depth" and "no counterpart" in r2.figures["note"]
+    assert "Jaccard" in compare.format_report(r) and "relative depth" in compare.format_report(r2)
