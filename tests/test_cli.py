@@ -47,3 +47,27 @@ def test_local_checkpoint_directory(tmp_path, capsys):
     assert main(["graph", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["edges"]["total"] == 6 * 1 + 3 + 4
+
+
+def test_discover_verify_render_export_compare_cli(tmp_path, capsys):
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    assert main(["discover", "random:gpt2-tiny", IOI, "--method", "eap", "--top-n", "15", "--out", a, "--quiet"]) == 0
+    assert main(["discover", "random:gpt2-tiny", IOI, "--method", "acdc", "--tau", "1e-5", "--out", b,
+                 "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["verify", a, "random:gpt2-tiny", IOI, "--json", "--subsets", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"faithfulness", "curve", "completeness", "minimality", "ablation_sensitivity"} <= set(report)
+    assert main(["verify", a, "random:gpt2-tiny", IOI, "--min-faithfulness", "1e9", "--subsets", "2"]) == 1
+    capsys.readouterr()
+    assert main(["render", a, "-o", str(tmp_path / "a.svg")]) == 0
+    assert (tmp_path / "a.svg").is_file() and (tmp_path / "a.dot").is_file()
+    for fmt, name in (("mib-pt", "a.pt"), ("mib-json", "a.mib.json"), ("graphml", "a.graphml"), ("node-link", "a.nl.json")):
+        assert main(["export", a, "--format", fmt, "-o", str(tmp_path / name)]) == 0
+    assert main(["import", str(tmp_path / "a.pt"), "--format", "mib", "--model", "random:gpt2-tiny",
+                 "-o", str(tmp_path / "back.json")]) == 0
+    capsys.readouterr()
+    assert main(["compare", a, b, "-o", str(tmp_path / "diff.svg")]) == 0
+    out = capsys.readouterr().out
+    assert "edge Jaccard" in out and (tmp_path / "diff.svg").is_file()
+    assert main(["compare", a]) == 2
