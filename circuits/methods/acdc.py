@@ -82,8 +82,10 @@ def _node_alive(setup: Setup, mask: torch.Tensor, r: int) -> bool:
 def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: int = 16,
          start_mask: torch.Tensor | None = None, checkpoint: str | Path | None = None,
          resume: bool = False, checkpoint_every: float = 30.0, progress: bool = False,
-         naive: bool = False) -> AcdcResult:
-    """Run ACDC at threshold tau. start_mask limits the search to its edges (others start removed).
+         naive: bool = False, receivers: list[int] | None = None, max_tests: int | None = None) -> AcdcResult:
+    """Run ACDC at threshold tau. start_mask limits the search to its edges (others start removed);
+    receivers restricts the walk to those receiver columns (edges into others stay as they are);
+    max_tests stops after that many tested edges (for benchmarks).
 
     naive=True is the reference: one full forward per tested edge, no prefix reuse, no batching.
     """
@@ -93,6 +95,9 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     mask = (g.full_mask() if start_mask is None else start_mask.clone().bool()) & g.allowed
     scores = torch.zeros(g.n_senders, g.n_receivers)
     order = receiver_order(setup)
+    if receivers is not None:
+        keep = set(receivers)
+        order = [r for r in order if r in keep]
     pos_r, pos_s, k = 0, 0, 4
     tested, forwards = 0, 0.0
     current = setup.metric(mask, metric).mean().item()
@@ -121,7 +126,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     bar.update(int(sum(int(mask[:, order[i]].sum()) for i in range(pos_r))) + pos_s)
     last_save = time.perf_counter()
     try:
-        while pos_r < len(order):
+        while pos_r < len(order) and (max_tests is None or tested < max_tests):
             r = order[pos_r]
             layer = min(g.receivers[r].layer, n_layers)
             start = 0 if naive else layer
@@ -131,7 +136,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                 bar.update(len(senders) - pos_s)
                 pos_r, pos_s = pos_r + 1, 0
                 continue
-            while pos_s < len(senders):
+            while pos_s < len(senders) and (max_tests is None or tested < max_tests):
                 s = senders[pos_s]
                 if not mask[s, r]:
                     pos_s += 1

@@ -1,0 +1,96 @@
+"""Writes the notebooks in this folder from the cell lists below (run after editing them).
+
+    python notebooks/make_notebooks.py
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": [
+        ("md", "# Quickstart: the circuit of the shipped induction model\n"
+               "Load the built-in 2-layer model, build the induction task, find the circuit with "
+               "EAP-IG, check it with real patching, draw it."),
+        ("code", "import torch\ntorch.set_num_threads(2)\n"
+                 "from circuits import models, evaluation, discover, builtin_tasks\n"
+                 "model = models.load('induction-2l')\n"
+                 "task = builtin_tasks.build_task('induction', model, n=64)\n"
+                 "setup = evaluation.prepare(model, task)\n"
+                 "print(model.graph.n_edges, 'edges;', len(task), 'examples')"),
+        ("code", "found = discover.run(setup, 'eap-ig-activations')\n"
+                 "c = found.circuit\n"
+                 "print(c.n_edges, 'edges, faithfulness', round(found.faithfulness['faithfulness'], 3))\n"
+                 "print([n for n in c.node_names()])"),
+        ("code", "from circuits import render\nfrom IPython.display import SVG\n"
+                 "out = render.render(render.to_dot(c, title='induction-2l'), 'quickstart.svg')\nSVG(filename=str(out))"),
+        ("code", "from circuits import verify\n"
+                 "points = verify.faithfulness_curve(setup, c.scores)\n"
+                 "print([(p.percent, round(p.faithfulness, 2)) for p in points])\n"
+                 "print('CPR, CMD =', verify.cpr_cmd(points))"),
+    ],
+    "02_task_from_file.ipynb": [
+        ("md", "# Defining a new task from a file\nA task file is JSONL or CSV with `clean`, `corrupted`, "
+               "`answer`, `wrong`. Bad rows are refused with the line named."),
+        ("code", "import json, pathlib, torch\ntorch.set_num_threads(2)\n"
+                 "from circuits import models, tasks, evaluation, discover\n"
+                 "rows = [{'clean': 'When Mary and John went to the park, John gave a ball to', "
+                 "'corrupted': 'When Mary and John went to the park, Anna gave a ball to', 'answer': ' Mary', 'wrong': ' John'},\n"
+                 "        {'clean': 'When Tom and Lisa went to the store, Lisa gave a book to', "
+                 "'corrupted': 'When Tom and Lisa went to the store, Paul gave a book to', 'answer': ' Tom', 'wrong': ' Lisa'}]\n"
+                 "path = pathlib.Path('my_task.jsonl')\npath.write_text('\\n'.join(json.dumps(r) for r in rows))\n"
+                 "model = models.load('random:gpt2-tiny')\n"
+                 "task = tasks.load_file(path, model.tokenizer)\nprint(task.clean.shape, task.answers.tolist())"),
+        ("code", "bad = dict(rows[0], answer=' Maryanne-Louise')\npath.write_text(json.dumps(bad))\n"
+                 "try:\n    tasks.load_file(path, model.tokenizer)\nexcept tasks.TaskError as err:\n    print(err)"),
+        ("code", "setup = evaluation.prepare(model, task)\n"
+                 "found = discover.run(setup, 'eap', selection=discover.Selection(top_n=20))\n"
+                 "print(found.circuit.n_edges, 'edges, faithfulness', round(found.faithfulness['faithfulness'], 3))"),
+    ],
+    "03_compare_models.ipynb": [
+        ("md", "# Comparing circuits across models and methods\nSame graph: edge and node Jaccard. "
+               "Different depth or width: an alignment by relative depth, and a statement of what cannot be compared."),
+        ("code", "import torch\ntorch.set_num_threads(2)\n"
+                 "from circuits import models, evaluation, discover, compare, builtin_tasks\n"
+                 "model = models.load('induction-2l')\ntask = builtin_tasks.build_task('induction', model, n=48)\n"
+                 "setup = evaluation.prepare(model, task)\n"
+                 "eap = discover.run(setup, 'eap').circuit\nig = discover.run(setup, 'eap-ig-activations').circuit\n"
+                 "print(compare.format_report(compare.compare(eap, ig, 'EAP', 'EAP-IG')))"),
+        ("code", "other = models.load('random:llama-tiny')\n"
+                 "t2 = builtin_tasks.build_task('induction', other, n=16)\n"
+                 "c2 = discover.run(evaluation.prepare(other, t2), 'eap', selection=discover.Selection(top_n=20)).circuit\n"
+                 "print(compare.format_report(compare.compare(ig, c2, 'induction-2l', 'llama-tiny')))"),
+    ],
+    "04_ground_truth.ipynb": [
+        ("md", "# Checking a method against a ground-truth circuit\nThe shipped induction model records its "
+               "previous-token and induction heads (found by attention patterns and ablations when it was trained). "
+               "How well does each method's node ranking recover them?"),
+        ("code", "import torch\ntorch.set_num_threads(2)\n"
+                 "from circuits import models, evaluation, methods, builtin_tasks\n"
+                 "model = models.load('induction-2l')\n"
+                 "truth = set(model.meta['previous_token_heads'] + model.meta['induction_heads'])\n"
+                 "setup = evaluation.prepare(model, builtin_tasks.build_task('induction', model, n=48))\n"
+                 "heads = [i for i, n in enumerate(model.graph.nodes) if n.startswith('a')]\n"
+                 "def auroc(scores, labels):\n"
+                 "    pos = [s for s, l in zip(scores, labels) if l]; neg = [s for s, l in zip(scores, labels) if not l]\n"
+                 "    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))\n"
+                 "for name in ['eap', 'eap-ig-activations', 'exact']:\n"
+                 "    node = methods.node_scores(setup, methods.get(name).score(setup))\n"
+                 "    s = [float(node[i]) for i in heads]; y = [model.graph.nodes[i] in truth for i in heads]\n"
+                 "    print(f'{name:20s} head AUROC {auroc(s, y):.2f}')"),
+    ],
+}
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, HERE / name)
+
+
+if __name__ == "__main__":
+    main()
