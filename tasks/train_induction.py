@@ -1,22 +1,40 @@
 #!/usr/bin/env python
 """Train the embedded default model ``induction-2l``.
 
-A tiny 2-layer GPT-2-architecture transformer trained to do induction
-(a previous-token head in layer 0 feeding an induction head in layer 1).
+A tiny 2-layer GPT-2-architecture transformer (4 heads, d_model 64, d_mlp 256,
+vocab 64, 64 positions) trained to do induction: previous-token heads in layer 0
+feed induction heads in layer 1.
 
-Sequence format (token 0 is BOS, content tokens are 1..63)::
+Evaluation / analysis format (what the model is meant to be probed with)::
 
-    [0] + r + r        r = L distinct tokens from 1..63, L in [MIN_LEN, MAX_LEN]
+    [BOS=0] + r + r      r = L distinct tokens from 1..63, L in [8, 15]
 
-A fraction of the training sequences (``NO_REPEAT_FRAC``) are instead
-``[0]`` followed by ``2L`` uniform random content tokens (no planned repeat),
-so the model does not blindly copy.  Loss is taken on every next-token
-position.  Training stops once top-1 accuracy on the repeated half (excluding
-its first token, which is unpredictable) reaches ``TARGET_ACC`` on held-out
-data, or when ``--steps`` is reached.
+Top-1 accuracy is measured on the second copy of r, excluding its first token
+(which is unpredictable).
+
+Training format (a superset of the evaluation format)::
+
+    [BOS] + noise(P) + r r r ...      P in [0, 10] per row, body of 32 tokens
+
+Each batch picks a period L in [1, 16]; each row is BOS, P random "noise"
+tokens (drawn from the content tokens not in r), then a body of BODY_LEN tokens
+that repeats r periodically (so [BOS] + r + r is the P = 0, L = 16 prefix case).
+A NO_REPEAT_FRAC fraction of rows is pure noise.  The loss weights the
+induction targets (body tokens after the first copy of r and its first repeated
+token) with 1 and every other next-token position with NONTARGET_WEIGHT.
+
+Why not train on plain [BOS] + r + r with an unweighted loss: with a fixed
+layout and L in [8, 15] the model learns positional shortcuts (fixed-offset /
+absolute-position lookups) instead of previous-token + induction heads, and
+with distances of >= 8 between copies it prefers "k-th previous token" heads
+(k ~ 3..6) over true previous-token heads.  Short periods (down to 1) force the
+previous-token offset to be exactly 1, the random prefix removes absolute-
+position cues, and down-weighting the unpredictable positions (whose gradient
+noise otherwise dominates Adam's normalisation) makes the circuit form in a few
+hundred steps.
 
 After training, heads are identified from attention patterns on held-out
-repeated sequences and verified by mean-ablation; results go to ``meta.json``.
+[BOS] + r + r sequences and verified by mean-ablation; results go to meta.json.
 
 Usage::
 
@@ -45,12 +63,14 @@ DEFAULT_OUT = REPO / "circuits" / "builtin" / "induction-2l"
 VOCAB = 64
 BOS = 0
 MIN_LEN, MAX_LEN = 8, 15  # length of r in the eval/analysis format [BOS] + r + r
-TRAIN_MIN_LEN, TRAIN_MAX_LEN = 4, 20  # length of r during training
-MAX_PAD = 20  # extra random filler tokens during training (1 + 2*20 + 20 <= 64)
+TRAIN_MIN_PERIOD, TRAIN_MAX_PERIOD = 1, 16  # period L of the repeated body in training
+MAX_PREFIX = 10  # random noise tokens before the repeated body in training
+BODY_LEN = 32  # repeated body length in training (1 + 10 + 32 <= 64 positions)
 NO_REPEAT_FRAC = 0.1
-TARGET_ACC = 0.97  # stop criterion (spec requires >= 0.95)
-SCORE_THRESHOLD = 0.4  # attention-score threshold for reporting a head
-ABLATION_DROP = 0.10  # a head "matters" if mean-ablating it drops acc by this much
+NONTARGET_WEIGHT = 0.1
+MIN_ACC = 0.95  # the script fails if the trained model is below this
+SCORE_THRESHOLD = 0.4  # attention-score threshold for a candidate head
+ABLATION_DROP = 0.02  # a candidate "matters" if ablating it costs this much accuracy
 
 
 def make_config() -> GPT2Config:
@@ -63,37 +83,33 @@ def make_config() -> GPT2Config:
 
 
 def repeated_batch(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """[BOS] + r + r with r = `length` distinct tokens from 1..VOCAB-1."""
+    """Eval format: [BOS] + r + r with r = `length` distinct tokens from 1..VOCAB-1."""
     keys = torch.rand(batch, VOCAB - 1, generator=gen)
     r = keys.argsort(dim=1)[:, :length] + 1
     bos = torch.full((batch, 1), BOS, dtype=torch.long)
     return torch.cat([bos, r, r], dim=1)
 
 
-def train_batch(batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Training batch: random content tokens with r + r planted at a random offset.
+def train_batch(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training batch (see module docstring). Returns tokens and per-target loss weights.
 
-    Each batch picks L in [TRAIN_MIN_LEN, TRAIN_MAX_LEN] and an amount of extra
-    filler ``pad`` in [0, MAX_PAD]; rows are ``[BOS]`` + ``2L + pad`` random
-    content tokens in which ``r + r`` (r = L distinct tokens) starts at a random
-    offset in [0, pad] (offset 0 with pad 0 is exactly the eval format
-    ``[BOS] + r + r``).  A ``NO_REPEAT_FRAC`` fraction of rows has nothing planted.
-    Varying the length and offset rules out positional shortcuts (with a fixed
-    ``[BOS] + r + r`` layout the model otherwise learns fixed-offset lookups
-    instead of previous-token + induction heads).
+    ``weights[:, t]`` weights the loss of predicting token ``t`` (column 0 unused).
     """
-    L = int(torch.randint(TRAIN_MIN_LEN, TRAIN_MAX_LEN + 1, (1,), generator=gen))
-    pad = int(torch.randint(0, MAX_PAD + 1, (1,), generator=gen))
-    x = torch.randint(1, VOCAB, (batch, 1 + 2 * L + pad), generator=gen)
+    L = int(torch.randint(TRAIN_MIN_PERIOD, TRAIN_MAX_PERIOD + 1, (1,), generator=gen))
+    T = 1 + MAX_PREFIX + BODY_LEN
+    perm = torch.rand(batch, VOCAB - 1, generator=gen).argsort(dim=1) + 1
+    r = perm[:, :L]
+    # noise: tokens not in r, so the only repeats of r's tokens are the planted ones
+    x = perm.gather(1, L + torch.randint(0, VOCAB - 1 - L, (batch, T), generator=gen))
     x[:, 0] = BOS
     n_rep = batch - int(round(batch * NO_REPEAT_FRAC))
-    r = torch.rand(n_rep, VOCAB - 1, generator=gen).argsort(dim=1)[:, :L] + 1
-    start = torch.randint(0, pad + 1, (n_rep, 1), generator=gen)
-    idx = 1 + start + torch.arange(L)
-    rows = x[:n_rep]
-    rows.scatter_(1, idx, r)
-    rows.scatter_(1, idx + L, r)
-    return x[torch.randperm(batch, generator=gen)]
+    prefix = torch.randint(0, MAX_PREFIX + 1, (n_rep, 1), generator=gen)
+    pos = torch.arange(T)[None, :] - 1 - prefix  # index within the repeated body
+    x[:n_rep] = torch.where(pos >= 0, r[:n_rep].gather(1, pos.clamp(min=0) % L), x[:n_rep])
+    weights = torch.full(x.shape, NONTARGET_WEIGHT)
+    weights[:n_rep] = torch.where(pos >= L + 1, 1.0, NONTARGET_WEIGHT)
+    order = torch.randperm(batch, generator=gen)
+    return x[order], weights[order]
 
 
 def repeated_half_accuracy(model, x: torch.Tensor, length: int) -> float:
@@ -111,21 +127,20 @@ def eval_sets(n_per_len: int, seed: int):
 
 
 def accuracy(model, sets) -> float:
-    accs = [repeated_half_accuracy(model, x, L) for L, x in sets]
-    return float(np.mean(accs))
+    return float(np.mean([repeated_half_accuracy(model, x, L) for L, x in sets]))
 
 
 def head_scores(model, sets):
-    """Previous-token and induction scores per (layer, head)."""
+    """Previous-token and induction scores per (layer, head) on [BOS] + r + r."""
     n_layer, n_head = model.config.n_layer, model.config.n_head
     prev = torch.zeros(n_layer, n_head)
     ind = torch.zeros(n_layer, n_head)
     for L, x in sets:
         with torch.no_grad():
-            att = model(x, output_attentions=True).attentions  # tuple of [B,H,T,T]
+            att = model(x, output_attentions=True).attentions  # n_layer x [B,H,T,T]
         T = x.shape[1]
         i = torch.arange(1, T)
-        # induction: query p = L+1+j (token r[j]) -> key 2+j (token after previous r[j])
+        # induction: query p = L+1+j (token r[j]) -> key 2+j (token after the first r[j])
         q = torch.arange(L + 1, 2 * L + 1)
         k = q - L + 1
         for layer, a in enumerate(att):
@@ -135,7 +150,7 @@ def head_scores(model, sets):
 
 
 def head_means(model, sets):
-    """Mean (over batch and positions) of each layer's per-head attention output."""
+    """Mean (over sequences and positions) of each layer's concatenated head outputs."""
     cfg = model.config
     sums = [torch.zeros(cfg.n_embd) for _ in range(cfg.n_layer)]
     counts = [0] * cfg.n_layer
@@ -156,20 +171,33 @@ def head_means(model, sets):
     return [s / c for s, c in zip(sums, counts)]
 
 
-def ablated_accuracy(model, sets, means, layer: int, head: int) -> float:
+def ablated_accuracy(model, sets, means, heads) -> float:
+    """Accuracy with the given (layer, head) outputs replaced by their mean."""
     d = model.config.n_embd // model.config.n_head
-    sl = slice(head * d, (head + 1) * d)
-
-    def pre(mod, args):
-        h = args[0].clone()
-        h[..., sl] = means[layer][sl]
-        return (h,) + tuple(args[1:])
-
-    hook = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    hooks = []
+    for layer, hs in by_layer.items():
+        def pre(mod, args, layer=layer, hs=hs):
+            h = args[0].clone()
+            for head in hs:
+                h[..., head * d:(head + 1) * d] = means[layer][head * d:(head + 1) * d]
+            return (h,) + tuple(args[1:])
+        hooks.append(model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre))
     try:
         return accuracy(model, sets)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
+
+
+def head_output_norms(model) -> torch.Tensor:
+    """Frobenius norm of each head's slice of W_O (rows of the Conv1D c_proj weight)."""
+    d = model.config.n_embd // model.config.n_head
+    norms = [blk.attn.c_proj.weight.view(model.config.n_head, d, -1).pow(2).sum((1, 2)).sqrt()
+             for blk in model.transformer.h]
+    return torch.stack(norms)
 
 
 def seed_everything(seed: int) -> None:
@@ -180,25 +208,31 @@ def seed_everything(seed: int) -> None:
     transformers.set_seed(seed)
 
 
+def name(layer: int, head: int) -> str:
+    return f"a{layer}.h{head}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=4000,
-                    help="training steps (length of the lr schedule; stops early at --target-acc)")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--target-acc", type=float, default=TARGET_ACC)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--head-l1", type=float, default=0.0,
+                    help="group-lasso penalty on per-head output weights (sparser circuit)")
+    ap.add_argument("--head-l1-start", type=int, default=400)
     args = ap.parse_args()
 
     seed_everything(args.seed)
     model = GPT2LMHeadModel(make_config())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr,
                             weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    def lr_factor(s: int) -> float:  # linear warmup, then cosine decay to 10% at --steps
+
+    def lr_factor(s: int) -> float:  # linear warmup, then cosine decay to 10%
         if s < args.warmup:
             return (s + 1) / args.warmup
         frac = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
@@ -209,99 +243,132 @@ def main() -> None:
     val = eval_sets(32, seed=10_000 + args.seed)
 
     t0 = time.time()
-    step, acc = 0, 0.0
-    while step < args.steps:
+    for step in range(1, args.steps + 1):
         model.train()
-        x = train_batch(args.batch, gen)
+        x, w = train_batch(args.batch, gen)
         logits = model(x).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1),
+                              reduction="none")
+        w = w[:, 1:].reshape(-1)
+        loss = (nll * w).sum() / w.sum()
+        if args.head_l1 and step > args.head_l1_start:
+            loss = loss + args.head_l1 * head_output_norms(model).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        step += 1
-        if step % args.eval_every == 0:
+        if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            acc = accuracy(model, val)
-            print(f"step {step:6d}  loss {loss.item():.4f}  val_acc {acc:.4f}  "
+            print(f"step {step:5d}  loss {loss.item():.4f}  val_acc {accuracy(model, val):.4f}  "
                   f"t {time.time() - t0:.1f}s", flush=True)
-            if acc >= args.target_acc:
-                break
     train_time = time.time() - t0
     model.eval()
+    print("per-head W_O norms:", head_output_norms(model).detach().numpy().round(3).tolist())
 
-    # held-out analysis data (disjoint seed from training and validation)
+    # held-out analysis data (seed disjoint from training and validation)
     test = eval_sets(64, seed=20_000 + args.seed)
     final_acc = accuracy(model, test)
-    print(f"final held-out repeated-half accuracy: {final_acc:.4f} "
-          f"({step} steps, {train_time:.1f}s)")
+    print(f"held-out repeated-half accuracy: {final_acc:.4f} "
+          f"({args.steps} steps, {train_time:.1f}s)")
+    if final_acc < MIN_ACC:
+        raise SystemExit(f"accuracy {final_acc:.4f} < {MIN_ACC}; train longer (--steps)")
 
+    cfg = model.config
     prev, ind = head_scores(model, test)
     means = head_means(model, test)
-    cfg = model.config
-    ablation = {}
-    for layer in range(cfg.n_layer):
-        for head in range(cfg.n_head):
-            ablation[f"a{layer}.h{head}"] = round(
-                ablated_accuracy(model, test, means, layer, head), 4)
-    for layer in range(cfg.n_layer):
-        for head in range(cfg.n_head):
-            name = f"a{layer}.h{head}"
-            print(f"{name}: prev {prev[layer, head]:.3f}  induction {ind[layer, head]:.3f}  "
-                  f"ablated_acc {ablation[name]:.4f}")
+    all_heads = [(l, h) for l in range(cfg.n_layer) for h in range(cfg.n_head)]
+    single = {name(l, h): ablated_accuracy(model, test, means, [(l, h)]) for l, h in all_heads}
+    for l, h in all_heads:
+        n = name(l, h)
+        print(f"{n}: prev {prev[l, h]:.3f}  induction {ind[l, h]:.3f}  ablated_acc {single[n]:.4f}")
 
-    def select(scores, layer):
-        names = []
-        for head in torch.argsort(scores[layer], descending=True).tolist():
-            name = f"a{layer}.h{head}"
-            if scores[layer, head] > SCORE_THRESHOLD and \
-                    final_acc - ablation[name] >= ABLATION_DROP:
-                names.append(name)
-        return names
+    def candidates(scores, layer):
+        order = torch.argsort(scores[layer], descending=True).tolist()
+        return [(layer, h) for h in order if scores[layer, h] > SCORE_THRESHOLD]
 
-    prev_heads = select(prev, 0)
-    ind_heads = select(ind, 1)
-    print("previous-token heads:", prev_heads)
-    print("induction heads:", ind_heads)
+    prev_cand, ind_cand = candidates(prev, 0), candidates(ind, 1)
+    joint_prev = ablated_accuracy(model, test, means, prev_cand) if prev_cand else final_acc
+    joint_ind = ablated_accuracy(model, test, means, ind_cand) if ind_cand else final_acc
+
+    def confirmed(cands):
+        # a candidate counts if ablating it alone, or ablating all the other
+        # candidates except it ("leave one in") vs. all of them, clearly matters
+        keep = []
+        all_ablated = ablated_accuracy(model, test, means, cands)
+        for c in cands:
+            others = [o for o in cands if o != c]
+            drop_alone = final_acc - single[name(*c)]
+            gain_in = (ablated_accuracy(model, test, means, others) - all_ablated) if others else 0.0
+            if drop_alone >= ABLATION_DROP or gain_in >= ABLATION_DROP:
+                keep.append(name(*c))
+        return keep
+
+    prev_heads = confirmed(prev_cand)
+    ind_heads = confirmed(ind_cand)
+    leave_one_in = {}
+    for cands in (prev_cand, ind_cand):
+        for c in cands:
+            if len(cands) > 1:
+                leave_one_in[name(*c)] = round(
+                    ablated_accuracy(model, test, means, [o for o in cands if o != c]), 4)
+    print("previous-token heads:", prev_heads, f"(joint ablation acc {joint_prev:.4f})")
+    print("induction heads:", ind_heads, f"(joint ablation acc {joint_ind:.4f})")
+    if not prev_heads or not ind_heads:
+        raise SystemExit("no confirmed previous-token / induction heads")
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+
+    def r4(v):
+        return round(float(v), 4)
+
     meta = {
         "name": "induction-2l",
         "description": (
-            "Tiny 2-layer GPT-2 (4 heads, d_model 64, d_mlp 256, vocab 64) trained on "
-            "[BOS=0] + r + r with r = L distinct random tokens from 1..63, "
-            f"L in [{MIN_LEN}, {MAX_LEN}] ({int(NO_REPEAT_FRAC * 100)}% of training sequences "
-            "were instead uniform random tokens without a planned repeat). "
-            "A layer-0 previous-token head feeds a layer-1 induction head."
+            "Tiny 2-layer GPT-2 (4 heads/layer, d_model 64, d_mlp 256, vocab 64, 64 positions) "
+            "trained for induction: layer-0 previous-token heads feed layer-1 induction heads. "
+            "Probe with [BOS=0] + r + r, r = L distinct tokens from 1..63, L in [8, 15]; "
+            "the second copy of r (after its first token) is predicted by copying."
         ),
         "bos_token_id": BOS,
         "content_tokens": [1, VOCAB - 1],
-        "sequence_format": {
+        "eval_format": {
             "layout": "[BOS] + r + r",
             "repeat_len_range": [MIN_LEN, MAX_LEN],
             "distinct_tokens_in_r": True,
-            "no_repeat_fraction_in_training": NO_REPEAT_FRAC,
+            "scored_positions": "tokens r[1:] of the second copy (predicted from the previous position)",
         },
-        "trained_steps": step,
+        "training_format": {
+            "layout": "[BOS] + noise(P) + r repeated periodically (BODY tokens)",
+            "period_range": [TRAIN_MIN_PERIOD, TRAIN_MAX_PERIOD],
+            "prefix_noise_range": [0, MAX_PREFIX],
+            "body_len": BODY_LEN,
+            "noise": "uniform over content tokens not in r",
+            "no_repeat_fraction": NO_REPEAT_FRAC,
+            "loss_weights": {"induction_targets": 1.0, "other_positions": NONTARGET_WEIGHT},
+        },
+        "trained_steps": args.steps,
         "train_time_s": round(train_time, 1),
         "seed": args.seed,
         "batch_size": args.batch,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
-        "accuracy_repeated_half": round(final_acc, 4),
+        "accuracy_repeated_half": r4(final_acc),
         "previous_token_heads": prev_heads,
         "induction_heads": ind_heads,
-        "previous_token_scores": {f"a{l}.h{h}": round(float(prev[l, h]), 4)
-                                  for l in range(cfg.n_layer) for h in range(cfg.n_head)},
-        "induction_scores": {f"a{l}.h{h}": round(float(ind[l, h]), 4)
-                             for l in range(cfg.n_layer) for h in range(cfg.n_head)},
+        "previous_token_scores": {name(l, h): r4(prev[l, h]) for l, h in all_heads},
+        "induction_scores": {name(l, h): r4(ind[l, h]) for l, h in all_heads},
         "ablation": {
-            "method": "mean-ablate the head's output (input to attn.c_proj) over held-out repeated sequences",
-            "baseline_accuracy": round(final_acc, 4),
-            "accuracy_with_head_ablated": ablation,
+            "method": ("mean-ablation: replace the head's output (its slice of the input to "
+                       "attn.c_proj) by its mean over held-out [BOS]+r+r sequences"),
+            "baseline_accuracy": r4(final_acc),
+            "accuracy_with_head_ablated": {k: r4(v) for k, v in single.items()},
+            "accuracy_with_all_previous_token_candidates_ablated": r4(joint_prev),
+            "accuracy_with_all_induction_candidates_ablated": r4(joint_ind),
+            "accuracy_leave_one_in": leave_one_in,
+            "score_threshold": SCORE_THRESHOLD,
             "min_drop_to_count": ABLATION_DROP,
         },
     }

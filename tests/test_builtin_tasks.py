@@ -1,0 +1,79 @@
+import pytest
+
+from circuits.builtin_tasks import TASKS, build_task
+from circuits.models import Model
+from circuits.tasks import TaskError
+
+from conftest import load_model
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_each_task_builds_100_valid_pairs_with_gpt2_tokenizer(name):
+    model = load_model("random:gpt2-tiny")
+    task = build_task(name, model, n=100)
+    assert len(task) == 100
+    assert (task.clean != task.corrupted).any(1).all()
+    assert task.answers.shape[0] == 100 and (task.answers[:, 0] >= 0).all()
+
+
+class SplittingTokenizer:
+    """GPT-2's tokenizer, except that some words become two tokens."""
+
+    def __init__(self, tok, split):
+        self.tok, self.split = tok, split
+        self.bos_token_id, self.eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+    def encode(self, text):
+        ids = []
+        for word in self.split:
+            if word in text:
+                text = text.replace(word, word + "\u00a7")     # an extra token after the word
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def with_tokenizer(tok):
+    base = load_model("random:gpt2-tiny")
+    return Model(base.spec, base.weights, base.graph, tok, None, {})
+
+
+def test_names_that_are_not_one_token_are_dropped_and_counted():
+    base = load_model("random:gpt2-tiny")
+    model = with_tokenizer(SplittingTokenizer(base.tokenizer, [" Mary", " John"]))
+    task = build_task("ioi", model, n=50)
+    assert task.meta["dropped"]["name is not one token"] == 2
+    assert len(task) == 50
+
+
+def test_too_few_valid_items_is_refused():
+    base = load_model("random:gpt2-tiny")
+    model = with_tokenizer(SplittingTokenizer(base.tokenizer, ["France", "Germany", "Italy", "Spain", "Japan", "Russia",
+                                                               "China", "Egypt", "Greece", "Canada", "Poland", "Austria",
+                                                               "Ireland", "Norway", "Sweden", "Cuba", "Peru", "Kenya",
+                                                               "Iran"]))
+    with pytest.raises(TaskError, match="capital-country: only 1 single-token"):
+        build_task("capital-country", model, n=20)
+
+
+def test_years_that_do_not_split_are_dropped():
+    base = load_model("random:gpt2-tiny")
+    model = with_tokenizer(SplittingTokenizer(base.tokenizer, [" 17"]))
+    task = build_task("greater-than", model, n=20)
+    assert task.meta["dropped"]["year does not split as century + two digits"] > 0
+
+
+def test_text_task_needs_a_tokenizer():
+    model = with_tokenizer(None)
+    with pytest.raises(TaskError, match="needs a tokenizer"):
+        build_task("sva", model)
+
+
+def test_unknown_task_and_tiny_vocabulary():
+    model = load_model("random:gpt2-tiny")
+    with pytest.raises(TaskError, match="unknown built-in task"):
+        build_task("nope", model)
+    small = Model("m", model.weights, model.graph, None, None, {"content_tokens": [1, 5]})
+    with pytest.raises(TaskError, match="induction needs at least"):
+        build_task("induction", small)
