@@ -163,12 +163,18 @@ def _wrap(spec: str, module_or_bridge: Any, tokenizer, meta: dict, check: bool) 
 
 def _load_dir(spec: str, path: Path, meta: dict, check: bool, dtype) -> Model:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()        # a weights-loading bar per load is noise here
     try:
         config = AutoConfig.from_pretrained(path)
         module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
                                                       attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a checkpoint from {path}: {err}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -191,7 +197,9 @@ def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=
     elif spec in builtin_models():
         model = _load_dir(spec, BUILTIN_DIR / spec, builtin_models()[spec], check, dtype)
     elif Path(spec).expanduser().is_dir():
-        model = _load_dir(spec, Path(spec).expanduser(), {}, check, dtype)
+        path = Path(spec).expanduser()
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+        model = _load_dir(spec, path, meta, check, dtype)
     elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
         raise ModelLoadError(f"{spec}: no such directory")
     else:

@@ -33,6 +33,12 @@ position cues, and down-weighting the unpredictable positions (whose gradient
 noise otherwise dominates Adam's normalisation) makes the circuit form in a few
 hundred steps.
 
+From step 400 on, a group-lasso penalty (``--head-l1``) on each head's slice of
+W_O (attn.c_proj) prunes redundant heads, so the circuit is compact: one
+layer-0 previous-token head does the work (other layer-0 heads keep
+previous-token-like attention patterns but have ~0 output weights) and layer-1
+induction is concentrated in one or two heads instead of spread evenly over four.
+
 After training, heads are identified from attention patterns on held-out
 [BOS] + r + r sequences and verified by mean-ablation; results go to meta.json.
 
@@ -70,7 +76,11 @@ NO_REPEAT_FRAC = 0.1
 NONTARGET_WEIGHT = 0.1
 MIN_ACC = 0.95  # the script fails if the trained model is below this
 SCORE_THRESHOLD = 0.4  # attention-score threshold for a candidate head
-ABLATION_DROP = 0.02  # a candidate "matters" if ablating it costs this much accuracy
+# a candidate head "matters" if mean-ablating it alone costs this much top-1
+# accuracy or raises the NLL of the scored tokens by this many nats (the final
+# LayerNorm makes top-1 accuracy insensitive to partially redundant heads)
+ABLATION_ACC_DROP = 0.02
+ABLATION_NLL_RISE = 0.1
 
 
 def make_config() -> GPT2Config:
@@ -112,13 +122,15 @@ def train_batch(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.T
     return x[order], weights[order]
 
 
-def repeated_half_accuracy(model, x: torch.Tensor, length: int) -> float:
-    """Top-1 accuracy on tokens L+2..2L of [BOS]+r+r (second half minus its first token)."""
+def repeated_half_metrics(model, x: torch.Tensor, length: int) -> tuple[float, float]:
+    """Top-1 accuracy and mean NLL (nats) on tokens L+2..2L of [BOS]+r+r
+    (the second copy of r minus its first token, which is unpredictable)."""
     with torch.no_grad():
-        logits = model(x).logits
-    pred = logits[:, length + 1:2 * length].argmax(-1)  # predicts positions L+2..2L
+        logits = model(x).logits[:, length + 1:2 * length]  # predicts positions L+2..2L
     tgt = x[:, length + 2:2 * length + 1]
-    return (pred == tgt).float().mean().item()
+    acc = (logits.argmax(-1) == tgt).float().mean().item()
+    nll = -logits.log_softmax(-1).gather(-1, tgt[..., None]).mean().item()
+    return acc, nll
 
 
 def eval_sets(n_per_len: int, seed: int):
@@ -126,8 +138,14 @@ def eval_sets(n_per_len: int, seed: int):
     return [(L, repeated_batch(n_per_len, L, gen)) for L in range(MIN_LEN, MAX_LEN + 1)]
 
 
+def metrics(model, sets) -> tuple[float, float]:
+    """(accuracy, NLL) averaged over the per-length eval sets."""
+    m = np.array([repeated_half_metrics(model, x, L) for L, x in sets])
+    return float(m[:, 0].mean()), float(m[:, 1].mean())
+
+
 def accuracy(model, sets) -> float:
-    return float(np.mean([repeated_half_accuracy(model, x, L) for L, x in sets]))
+    return metrics(model, sets)[0]
 
 
 def head_scores(model, sets):
@@ -171,8 +189,8 @@ def head_means(model, sets):
     return [s / c for s, c in zip(sums, counts)]
 
 
-def ablated_accuracy(model, sets, means, heads) -> float:
-    """Accuracy with the given (layer, head) outputs replaced by their mean."""
+def ablated_metrics(model, sets, means, heads) -> tuple[float, float]:
+    """(accuracy, NLL) with the given (layer, head) outputs replaced by their mean."""
     d = model.config.n_embd // model.config.n_head
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
@@ -186,7 +204,7 @@ def ablated_accuracy(model, sets, means, heads) -> float:
             return (h,) + tuple(args[1:])
         hooks.append(model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre))
     try:
-        return accuracy(model, sets)
+        return metrics(model, sets)
     finally:
         for h in hooks:
             h.remove()
@@ -222,7 +240,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--head-l1", type=float, default=0.0,
+    ap.add_argument("--head-l1", type=float, default=0.1,
                     help="group-lasso penalty on per-head output weights (sparser circuit)")
     ap.add_argument("--head-l1-start", type=int, default=400)
     args = ap.parse_args()
@@ -268,8 +286,8 @@ def main() -> None:
 
     # held-out analysis data (seed disjoint from training and validation)
     test = eval_sets(64, seed=20_000 + args.seed)
-    final_acc = accuracy(model, test)
-    print(f"held-out repeated-half accuracy: {final_acc:.4f} "
+    final_acc, final_nll = metrics(model, test)
+    print(f"held-out repeated-half accuracy: {final_acc:.4f}  nll {final_nll:.4f} "
           f"({args.steps} steps, {train_time:.1f}s)")
     if final_acc < MIN_ACC:
         raise SystemExit(f"accuracy {final_acc:.4f} < {MIN_ACC}; train longer (--steps)")
@@ -278,42 +296,34 @@ def main() -> None:
     prev, ind = head_scores(model, test)
     means = head_means(model, test)
     all_heads = [(l, h) for l in range(cfg.n_layer) for h in range(cfg.n_head)]
-    single = {name(l, h): ablated_accuracy(model, test, means, [(l, h)]) for l, h in all_heads}
+    single = {name(l, h): ablated_metrics(model, test, means, [(l, h)]) for l, h in all_heads}
     for l, h in all_heads:
         n = name(l, h)
-        print(f"{n}: prev {prev[l, h]:.3f}  induction {ind[l, h]:.3f}  ablated_acc {single[n]:.4f}")
+        print(f"{n}: prev {prev[l, h]:.3f}  induction {ind[l, h]:.3f}  "
+              f"ablated acc {single[n][0]:.4f}  nll {single[n][1]:.4f}")
 
-    def candidates(scores, layer):
+    def matters(n: str) -> bool:
+        acc, nll = single[n]
+        return final_acc - acc >= ABLATION_ACC_DROP or nll - final_nll >= ABLATION_NLL_RISE
+
+    def select(scores, layer):
         order = torch.argsort(scores[layer], descending=True).tolist()
-        return [(layer, h) for h in order if scores[layer, h] > SCORE_THRESHOLD]
+        cands = [name(layer, h) for h in order if scores[layer, h] > SCORE_THRESHOLD]
+        return cands, [n for n in cands if matters(n)]
 
-    prev_cand, ind_cand = candidates(prev, 0), candidates(ind, 1)
-    joint_prev = ablated_accuracy(model, test, means, prev_cand) if prev_cand else final_acc
-    joint_ind = ablated_accuracy(model, test, means, ind_cand) if ind_cand else final_acc
+    prev_cand, prev_heads = select(prev, 0)
+    ind_cand, ind_heads = select(ind, 1)
 
-    def confirmed(cands):
-        # a candidate counts if ablating it alone, or ablating all the other
-        # candidates except it ("leave one in") vs. all of them, clearly matters
-        keep = []
-        all_ablated = ablated_accuracy(model, test, means, cands)
-        for c in cands:
-            others = [o for o in cands if o != c]
-            drop_alone = final_acc - single[name(*c)]
-            gain_in = (ablated_accuracy(model, test, means, others) - all_ablated) if others else 0.0
-            if drop_alone >= ABLATION_DROP or gain_in >= ABLATION_DROP:
-                keep.append(name(*c))
-        return keep
+    def parse(n: str) -> tuple[int, int]:
+        return int(n[1:n.index(".")]), int(n[n.index(".h") + 2:])
 
-    prev_heads = confirmed(prev_cand)
-    ind_heads = confirmed(ind_cand)
-    leave_one_in = {}
-    for cands in (prev_cand, ind_cand):
-        for c in cands:
-            if len(cands) > 1:
-                leave_one_in[name(*c)] = round(
-                    ablated_accuracy(model, test, means, [o for o in cands if o != c]), 4)
-    print("previous-token heads:", prev_heads, f"(joint ablation acc {joint_prev:.4f})")
-    print("induction heads:", ind_heads, f"(joint ablation acc {joint_ind:.4f})")
+    joint = {
+        "previous_token_heads": ablated_metrics(model, test, means, [parse(n) for n in prev_heads]),
+        "induction_heads": ablated_metrics(model, test, means, [parse(n) for n in ind_heads]),
+    }
+    print("previous-token candidates:", prev_cand, "confirmed:", prev_heads)
+    print("induction candidates:", ind_cand, "confirmed:", ind_heads)
+    print("joint ablation (acc, nll):", joint)
     if not prev_heads or not ind_heads:
         raise SystemExit("no confirmed previous-token / induction heads")
 
@@ -350,27 +360,33 @@ def main() -> None:
             "loss_weights": {"induction_targets": 1.0, "other_positions": NONTARGET_WEIGHT},
         },
         "trained_steps": args.steps,
+        "head_l1": args.head_l1,
         "train_time_s": round(train_time, 1),
         "seed": args.seed,
         "batch_size": args.batch,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "accuracy_repeated_half": r4(final_acc),
+        "nll_repeated_half": r4(final_nll),
         "previous_token_heads": prev_heads,
         "induction_heads": ind_heads,
         "previous_token_scores": {name(l, h): r4(prev[l, h]) for l, h in all_heads},
         "induction_scores": {name(l, h): r4(ind[l, h]) for l, h in all_heads},
+        "previous_token_candidates": prev_cand,
+        "induction_candidates": ind_cand,
         "ablation": {
-            "method": ("mean-ablation: replace the head's output (its slice of the input to "
-                       "attn.c_proj) by its mean over held-out [BOS]+r+r sequences"),
-            "baseline_accuracy": r4(final_acc),
-            "accuracy_with_head_ablated": {k: r4(v) for k, v in single.items()},
-            "accuracy_with_all_previous_token_candidates_ablated": r4(joint_prev),
-            "accuracy_with_all_induction_candidates_ablated": r4(joint_ind),
-            "accuracy_leave_one_in": leave_one_in,
+            "method": ("mean-ablation: replace one head's output (its slice of the input to "
+                       "attn.c_proj) by its mean over held-out [BOS]+r+r sequences; "
+                       "metrics on the scored positions of those sequences"),
+            "baseline": {"accuracy": r4(final_acc), "nll": r4(final_nll)},
+            "single_head": {k: {"accuracy": r4(a), "nll": r4(n)} for k, (a, n) in single.items()},
+            "joint": {k: {"accuracy": r4(a), "nll": r4(n)} for k, (a, n) in joint.items()},
             "score_threshold": SCORE_THRESHOLD,
-            "min_drop_to_count": ABLATION_DROP,
+            "criterion": (f"listed heads have score > {SCORE_THRESHOLD} and single-head ablation "
+                          f"costs >= {ABLATION_ACC_DROP} accuracy or >= {ABLATION_NLL_RISE} nats"),
         },
+        "head_output_norms": {name(l, h): r4(v) for (l, h), v in
+                              zip(all_heads, head_output_norms(model).detach().flatten().tolist())},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out}")
