@@ -73,10 +73,16 @@ def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
         if key in theirs and theirs[key] != summary[key]:
             raise CircuitFileError(f"{source}: made for a model with {key}={theirs[key]}, "
                                    f"this model has {summary[key]}")
+    mask, scores = edges_from_dict(data.get("edges", {}), graph, source)
+    return Circuit(graph, mask, scores, dict(data.get("provenance", {})))
+
+
+def edges_from_dict(edges: dict, graph: Graph, source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """{edge name: {"score", "in_graph"}} → (mask, scores or None when no edge has a score)."""
     mask = graph.empty_mask()
     scores = torch.zeros(graph.n_senders, graph.n_receivers)
     has_scores = False
-    for name, edge in data.get("edges", {}).items():
+    for name, edge in edges.items():
         try:
             s, r = graph.edge(name)
         except KeyError as err:
@@ -85,7 +91,7 @@ def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
         if edge.get("score") is not None:
             scores[s, r] = float(edge["score"])
             has_scores = True
-    return Circuit(graph, mask, scores if has_scores else None, dict(data.get("provenance", {})))
+    return mask, scores if has_scores else None
 
 
 def save(circuit: Circuit, path: str | Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from circuits.circuit import Circuit, CircuitFileError
+from circuits.circuit import Circuit, CircuitFileError, edges_from_dict
 from circuits.graph import Channel, Graph
 
 
@@ -62,16 +62,7 @@ def from_mib(data: dict, graph: Graph, source: str = "MIB circuit") -> Circuit:
         if key not in data:
             raise CircuitFileError(f"{source}: not an MIB circuit (missing {key!r})")
     _check_cfg(data["cfg"], graph, source)
-    mask = graph.empty_mask()
-    scores = torch.zeros(graph.n_senders, graph.n_receivers)
-    for name, edge in data["edges"].items():
-        try:
-            s, r = graph.edge(name)
-        except KeyError as err:
-            raise CircuitFileError(f"{source}: {err.args[0]}") from None
-        mask[s, r] = bool(edge.get("in_graph", False))
-        if edge.get("score") is not None:
-            scores[s, r] = float(edge["score"])
+    mask, scores = edges_from_dict(data["edges"], graph, source)
     return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"})
 
 

@@ -330,6 +330,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)  # not needed; keep the dir minimal
 
     def r4(v):
         return round(float(v), 4)
