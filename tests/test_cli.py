@@ -71,3 +71,14 @@ def test_discover_verify_render_export_compare_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "edge Jaccard" in out and (tmp_path / "diff.svg").is_file()
     assert main(["compare", a]) == 2
+
+
+def test_compare_across_models_cli(tmp_path, capsys):
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    assert main(["discover", "induction-2l", "induction", "--method", "eap", "--out", a, "--quiet", "--n", "16"]) == 0
+    assert main(["discover", "random:llama-tiny", "induction", "--method", "eap", "--top-n", "20", "--out", b,
+                 "--quiet", "--n", "8"]) == 0
+    capsys.readouterr()
+    assert main(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "aligned by relative depth" in out and "no counterpart" in out

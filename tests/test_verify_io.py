@@ -141,8 +141,13 @@ def test_graphml_node_link_networkx_round_trip(tmp_path, spec):
     same(c, io.load_node_link(tmp_path / "c.nl.json", g))
 
 
-def test_rendered_svg_draws_every_node_and_edge(tmp_path):
-    model, c = circuit_with_scores()
+def test_rendered_svg_of_the_default_circuit_draws_every_node_and_edge(tmp_path):
+    """The embedded default's circuit, as `circuits discover` finds it, is really drawn."""
+    from circuits import builtin_tasks, discover
+    model = load_model("induction-2l")
+    setup = evaluation.prepare(model, builtin_tasks.build_task("induction", model, n=32))
+    c = discover.run(setup, "eap-ig-activations").circuit
+    assert c.n_edges > 5
     out = render.render(render.to_dot(c, title="t"), tmp_path / "c.svg")
     svg = out.read_text()
     assert (tmp_path / "c.dot").is_file()

@@ -41,6 +41,45 @@ class AcdcResult:
     seconds: float
 
 
+@dataclass
+class Speculation:
+    """How many candidate edges to test in one batched forward.
+
+    A batch of k costs overhead + k (in units of one variant's forward); it decides every edge
+    up to the first kept one. With keep rate p the expected number decided is (1 − (1−p)^k)/p,
+    so k maximises that per unit of cost. `overhead` is measured once per run (and checkpointed,
+    so a resumed run makes the same choices); p is a decaying average of recent decisions.
+    """
+
+    overhead: float
+    max_variants: int
+    kept: float = 0.5
+    decided: float = 2.0
+
+    def record(self, was_kept: bool) -> None:
+        self.kept = 0.9 * self.kept + float(was_kept)
+        self.decided = 0.9 * self.decided + 1.0
+
+    def size(self, overhead_scale: float = 1.0) -> int:
+        p = min(max(self.kept / self.decided, 1e-3), 1.0)
+        a = self.overhead * overhead_scale
+        gain = lambda k: (1 - (1 - p) ** k) / p / (a + k)
+        return max(range(1, self.max_variants + 1), key=gain)
+
+
+def _measure_overhead(setup: Setup, mask: torch.Tensor, metric: Metric, layer: int) -> float:
+    """Fixed cost of one forward call in units of one variant's cost, at `layer`."""
+    g = setup.graph
+    coef = (~mask & g.allowed).float()
+    times = {}
+    for V in (1, 4, 1, 4):
+        t = time.perf_counter()
+        setup.metric_of_coef(coef.expand(V, -1, -1), metric, start_layer=layer)
+        times[V] = time.perf_counter() - t
+    per_variant = max((times[4] - times[1]) / 3, 1e-9)
+    return max(times[1] - per_variant, 0.0) / per_variant
+
+
 def receiver_order(setup: Setup) -> list[int]:
     """Receivers in reverse topological order: logits, then per layer (last first) MLP, v, k, q."""
     g = setup.graph
@@ -98,16 +137,21 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     if receivers is not None:
         keep = set(receivers)
         order = [r for r in order if r in keep]
-    pos_r, pos_s, k = 0, 0, 4
+    pos_r, pos_s = 0, 0
     tested, forwards = 0, 0.0
     current = setup.metric(mask, metric).mean().item()
+    mid = g.arch.n_layers // 2
+    spec = None
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, weights_only=True)
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"{checkpoint} was written by a different ACDC run (model, task, τ or metric)")
         mask, scores = state["mask"], state["scores"]
-        pos_r, pos_s, k = int(state["pos_r"]), int(state["pos_s"]), int(state["k"])
+        pos_r, pos_s = int(state["pos_r"]), int(state["pos_s"])
         current, tested, forwards = float(state["current"]), int(state["tested"]), float(state["forwards"])
+        spec = Speculation(float(state["overhead"]), max_variants, float(state["kept"]), float(state["decided"]))
+    if spec is None:
+        spec = Speculation(0.0 if naive else _measure_overhead(setup, mask, metric, mid), max_variants)
 
     def save() -> None:
         if checkpoint is None:
@@ -115,8 +159,8 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
         path = Path(checkpoint)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"fingerprint": fingerprint, "mask": mask, "scores": scores, "pos_r": pos_r,
-                    "pos_s": pos_s, "k": k, "current": current, "tested": tested,
-                    "forwards": forwards}, tmp)
+                    "pos_s": pos_s, "current": current, "tested": tested, "forwards": forwards,
+                    "overhead": spec.overhead, "kept": spec.kept, "decided": spec.decided}, tmp)
         tmp.replace(path)
 
     sign = 1.0 if metric is Metric.KL else -1.0
@@ -143,6 +187,8 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                     bar.update(1)
                     continue
                 batch = [s]
+                # the overhead was measured at the middle layer; per-variant work scales with depth
+                k = spec.size((g.arch.n_layers - mid + 0.5) / (g.arch.n_layers - start + 0.5))
                 if not naive:
                     for s2 in senders[pos_s + 1 :]:
                         if len(batch) >= k:
@@ -155,7 +201,6 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                 values = setup.metric_of_coef(coef, metric, start_layer=start).mean(1).tolist()
                 cost = (n_layers - start + 0.5) / (n_layers + 0.5)
                 forwards += cost * len(batch)
-                accepted_all = True
                 for j, sj in enumerate(batch):
                     tested += 1
                     scores[sj, r] = sign * (current - values[j])
@@ -164,15 +209,12 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                         bar.update(1)
                     pos_s += 1
                     bar.update(1)
-                    if _removal_ok(metric, values[j], current, tau):
-                        mask[sj, r] = False
-                        current = values[j]
-                    else:
-                        accepted_all = False
-                        k = max(1, j + 1)
+                    removed = _removal_ok(metric, values[j], current, tau)
+                    spec.record(not removed)
+                    if not removed:
                         break
-                if accepted_all:
-                    k = min(max_variants, 2 * k)
+                    mask[sj, r] = False
+                    current = values[j]
                 bar.set_postfix(tested=tested, kept=int(mask.sum()), refresh=False)
                 if checkpoint is not None and time.perf_counter() - last_save > checkpoint_every:
                     save()
