@@ -93,14 +93,16 @@ def acdc_cost(setup, g, scores, F, budget):
     """ACDC forwards per tested edge, weighted over a whole run.
 
     For a few layers L: edges into later receivers are already pruned to a sparse circuit (as they
-    are when a real run reaches L), the receivers of L are searched for `budget` tests, and the
+    are when a real run reaches L: EAP's top 5% of edges, pruned), the receivers of L are searched for `budget` tests, and the
     wall time per tested edge is divided by F. Layers in between take the nearest measured cost;
     the average is weighted by the number of edges into each layer's receivers.
     """
     from circuits import select
     from circuits.methods.acdc import acdc
     L = g.arch.n_layers
-    sparse = select.top_n(g, scores, max(1, g.n_edges // 20))
+    # what later layers look like when a run reaches L: a sparse circuit whose dead nodes have
+    # already lost their incoming edges (ACDC removes those without tests)
+    sparse = select.prune(g, select.top_n(g, scores, max(1, g.n_edges // 20)))
     layer_cols = {l: [c for c in range(g.n_receivers) if g.receivers[c].layer == l] for l in range(L)}
     measured = {}
     for layer in sorted({0, L // 3, (2 * L) // 3, L - 1}):

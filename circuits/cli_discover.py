@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 DEFAULT_MODEL, DEFAULT_TASK = "induction-2l", "induction"
 
@@ -23,6 +23,8 @@ def cmd_discover(args) -> int:
                          checkpoint=checkpoint, resume=args.resume, progress=not args.quiet,
                          seed=args.seed)
     circuit_io.save(found.circuit, args.out)
+    if checkpoint and not args.checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)      # finished: the default checkpoint has served
     c = found.circuit
     summary = {"model": args.model, "task": task.name, "method": args.method,
                "edges": c.n_edges, "total_edges": model.graph.n_edges,

@@ -6,7 +6,7 @@ returns the metric per example; everything else (faithfulness, ACDC, verificatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,9 +25,15 @@ class Chunk:
     ablated: torch.Tensor          # [S, B|1, P|1, d]
     clean: patching.Run            # recorded clean run (outputs, resid per layer)
     clean_logits: torch.Tensor     # [B, vocab] at the answer positions
+    _prefixes: dict = field(default_factory=dict, repr=False)
 
     def prefix(self, layer: int, graph) -> Prefix:
-        return patching.prefix_at(layer, graph, self.clean, self.ablated)
+        """The clean state entering `layer`; the most recent one is kept, with its patch cache."""
+        cached = self._prefixes.get(layer)
+        if cached is None:
+            self._prefixes.clear()
+            cached = self._prefixes[layer] = patching.prefix_at(layer, graph, self.clean, self.ablated)
+        return cached
 
 
 @dataclass(frozen=True, eq=False)

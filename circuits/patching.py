@@ -24,6 +24,9 @@ from circuits.adapters import Positional, Weights
 from circuits.graph import Graph
 
 
+PATCH_CACHE_ENTRIES = 64
+
+
 class Ablation(Enum):
     RESAMPLE = "resample"   # the corrupted prompt's sender output
     MEAN = "mean"           # mean over a reference set and its positions
@@ -42,6 +45,9 @@ class Prefix:
     layer: int
     resid: torch.Tensor
     delta: torch.Tensor
+    # patches from these senders, keyed by their coefficients: many forwards that start here
+    # (ACDC's tests, exact scores) reuse them instead of re-reading every cached sender
+    patches: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -63,16 +69,29 @@ def _active_columns(coef: torch.Tensor | None, n_receivers: int) -> torch.Tensor
 class _Deltas:
     """Ablated-minus-current outputs of the senders so far, laid out for one matmul per layer."""
 
-    def __init__(self, prefix_delta: torch.Tensor | None, n_own: int, V: int, B: int, P: int, d: int,
+    def __init__(self, prefix: Prefix | None, n_own: int, V: int, B: int, P: int, d: int,
                  like: torch.Tensor):
-        self.n_shared = 0 if prefix_delta is None else prefix_delta.shape[0]
-        self.shared = None if prefix_delta is None else prefix_delta.reshape(self.n_shared, -1)
+        self.n_shared = 0 if prefix is None else prefix.delta.shape[0]
+        self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
+        self.cache = None if prefix is None else prefix.patches
         self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
         self.V, self.B, self.P, self.d = V, B, P, d
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         V, B, P, d = self.V, self.B, self.P, self.d
         torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+
+    def _shared_patch(self, coef: torch.Tensor, first: int) -> torch.Tensor:
+        if self.cache is None:
+            return coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+        key = (first, tuple(coef.shape), hash(coef.detach().cpu().numpy().tobytes()))
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+            self.cache[key] = hit
+            while len(self.cache) > PATCH_CACHE_ENTRIES:          # bounded: oldest first
+                self.cache.pop(next(iter(self.cache)))
+        return hit.clone()
 
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
         """coef: [V, n_senders − first, R] for senders [first, n_senders) → [R, V·B·P, d],
@@ -81,7 +100,7 @@ class _Deltas:
         out = None
         ns = max(0, min(self.n_shared, n_senders) - first)
         if ns:
-            out = coef[:, :ns].transpose(1, 2) @ self.shared[first : first + ns]   # [V, R, BPd]
+            out = self._shared_patch(coef[:, :ns], first)                             # [V, R, BPd]
         lo = max(first, self.n_shared)
         if n_senders > lo:
             own = torch.bmm(coef[:, lo - first :].transpose(1, 2),
@@ -193,7 +212,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     n_prefix = 0 if prefix is None else n_prefix
     deltas = None
     if coef is not None:
-        deltas = _Deltas(None if prefix is None else prefix.delta, graph.n_senders - n_prefix,
+        deltas = _Deltas(prefix, graph.n_senders - n_prefix,
                          V, B, P, d, resid)
     outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None
     resid_log: list[torch.Tensor] = []
