@@ -13,6 +13,7 @@ gradients back through each receiver's own copy of the norm (`components.norm_vj
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from circuits import components as C
 from circuits import patching
@@ -68,7 +69,7 @@ def _ablated_minus_clean(chunk: Chunk, clean_outputs: torch.Tensor) -> torch.Ten
     return (chunk.ablated - clean_outputs).expand_as(clean_outputs)
 
 
-def gradient_scores(setup: Setup, alphas: list[float], mode: str) -> torch.Tensor:
+def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool = False) -> torch.Tensor:
     """Σ_edges estimate m(edge ablated) − m(clean), averaging gradients over `alphas`.
 
     mode "inputs": gradients at input embeddings interpolated corrupted→clean (alpha=1: clean);
@@ -78,6 +79,8 @@ def gradient_scores(setup: Setup, alphas: list[float], mode: str) -> torch.Tenso
     g, w = setup.graph, setup.model.weights
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float32, device=w.device)
     n_total = len(setup.task)
+    bar = tqdm(total=len(setup.chunks) * len(alphas), desc=f"gradients ({mode})", unit="step",
+               disable=not progress)
     for chunk in setup.chunks:
         tokens = chunk.task.clean.to(w.device)
         clean_outputs = chunk.clean.outputs
@@ -100,4 +103,6 @@ def gradient_scores(setup: Setup, alphas: list[float], mode: str) -> torch.Tenso
                 values = metric_values(setup.task.metric, run.logits, chunk.task, chunk.clean_logits)
                 objective = values.sum() / (n_total * len(alphas))
                 _receiver_grad_scores(setup, chunk, run, delta, scores, objective)
+            bar.update(1)
+    bar.close()
     return scores

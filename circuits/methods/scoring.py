@@ -20,12 +20,12 @@ def eap(setup: Setup) -> torch.Tensor:
     return importance_sign(setup) * gradient_scores(setup, [1.0], "inputs")
 
 
-def eap_ig_inputs(setup: Setup, steps: int = 5) -> torch.Tensor:
-    return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "inputs")
+def eap_ig_inputs(setup: Setup, steps: int = 5, progress: bool = False) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "inputs", progress)
 
 
-def eap_ig_activations(setup: Setup, steps: int = 5) -> torch.Tensor:
-    return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "activations")
+def eap_ig_activations(setup: Setup, steps: int = 5, progress: bool = False) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "activations", progress)
 
 
 def clean_corrupted(setup: Setup) -> torch.Tensor:
