@@ -73,14 +73,10 @@ NOTEBOOKS = {
                  "model = models.load('induction-2l')\n"
                  "truth = set(model.meta['previous_token_heads'] + model.meta['induction_heads'])\n"
                  "setup = evaluation.prepare(model, builtin_tasks.build_task('induction', model, n=48))\n"
-                 "heads = [i for i, n in enumerate(model.graph.nodes) if n.startswith('a')]\n"
-                 "def auroc(scores, labels):\n"
-                 "    pos = [s for s, l in zip(scores, labels) if l]; neg = [s for s, l in zip(scores, labels) if not l]\n"
-                 "    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))\n"
+                 "from circuits.groundtruth import node_auroc\n"
                  "for name in ['eap', 'eap-ig-activations', 'exact']:\n"
                  "    node = methods.node_scores(setup, methods.get(name).score(setup))\n"
-                 "    s = [float(node[i]) for i in heads]; y = [model.graph.nodes[i] in truth for i in heads]\n"
-                 "    print(f'{name:20s} head AUROC {auroc(s, y):.2f}')"),
+                 "    print(f'{name:20s} node AUROC {node_auroc(model.graph, node, truth):.2f}')"),
     ],
 }
 
