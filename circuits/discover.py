@@ -121,10 +121,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         kwargs = dict(spec.defaults)
         if steps is not None and "steps" in kwargs:
             kwargs["steps"] = steps
-        if "progress" in spec.score.__code__.co_varnames:
-            kwargs["progress"] = progress
-        params = {k: v for k, v in kwargs.items() if k != "progress"}
-        scores = spec.score(setup, **kwargs)
+        params = dict(kwargs)
+        scores = spec.score(setup, progress=progress, **kwargs)
         mask = _apply(setup, scores, selection)
         params["selection"] = selection.describe()
     seconds = time.perf_counter() - t0

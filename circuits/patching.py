@@ -208,8 +208,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     else:
         resid = prefix.resid
         B, P, d = resid.shape
-    n_prefix = graph.sender_start[start] if start < arch.n_layers else graph.n_senders
-    n_prefix = 0 if prefix is None else n_prefix
+    n_prefix = 0 if prefix is None else prefix.delta.shape[0]    # senders cached in the prefix
     deltas = None
     if coef is not None:
         deltas = _Deltas(prefix, graph.n_senders - n_prefix,

@@ -83,7 +83,6 @@ def test_invalid_json_line(tmp_path):
 
 def test_nan_metric_is_refused():
     model = load_model("random:gpt2-tiny")
-    task = from_pairs("t", [[1, 2, 3]], [[1, 2, 4]], [[5]], [[6]], metric=Metric.LOGPROB)
     task = from_pairs("t", [[1, 2, 3]], [[1, 2, 4]], [[5]], [[6]])
     # A NaN in the weights' output row of the answer token makes the metric NaN.
     import copy

@@ -22,7 +22,9 @@ from circuits.evaluation import Setup
 
 
 class ScoreFn(Protocol):
-    def __call__(self, setup: Setup, **params) -> torch.Tensor: ...
+    """Every method takes `progress` (show a bar) and its own keyword parameters."""
+
+    def __call__(self, setup: Setup, progress: bool = False, **params) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

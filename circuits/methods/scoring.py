@@ -16,8 +16,8 @@ def _midpoints(steps: int) -> list[float]:
     return [(k + 0.5) / steps for k in range(steps)]
 
 
-def eap(setup: Setup) -> torch.Tensor:
-    return importance_sign(setup) * gradient_scores(setup, [1.0], "inputs")
+def eap(setup: Setup, progress: bool = False) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, [1.0], "inputs", progress)
 
 
 def eap_ig_inputs(setup: Setup, steps: int = 5, progress: bool = False) -> torch.Tensor:
@@ -28,8 +28,8 @@ def eap_ig_activations(setup: Setup, steps: int = 5, progress: bool = False) -> 
     return importance_sign(setup) * gradient_scores(setup, _midpoints(steps), "activations", progress)
 
 
-def clean_corrupted(setup: Setup) -> torch.Tensor:
-    return importance_sign(setup) * gradient_scores(setup, [0.0, 1.0], "inputs")
+def clean_corrupted(setup: Setup, progress: bool = False) -> torch.Tensor:
+    return importance_sign(setup) * gradient_scores(setup, [0.0, 1.0], "inputs", progress)
 
 
 def exact(setup: Setup, variants: int = 16, progress: bool = False) -> torch.Tensor:
