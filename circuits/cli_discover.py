@@ -55,17 +55,22 @@ def cmd_discover(args) -> int:
 
 
 def _ground_truth(model, c, ablation: str) -> dict:
-    from circuits import groundtruth, tracr_models
+    from circuits import groundtruth, methods, tracr_models
+    g = model.graph
     truth = tracr_models.shipped_ground_truth(model, ablation)
     found = c.mask.bool()
+    nodes = groundtruth.truth_nodes(g, truth)
+    node_scores = methods.node_scores(g, c.scores)
     return {"ablation": ablation, "edges": int(truth.sum()), "found": int((found & truth).sum()),
             "extra": int((found & ~truth).sum()),
-            "edge_auroc": round(groundtruth.edge_auroc(model.graph, c.scores, truth), 4)}
+            "edge_auroc": round(groundtruth.edge_auroc(g, c.scores, truth), 4),
+            "nodes": sorted(nodes), "node_auroc": round(groundtruth.node_auroc(g, node_scores, nodes), 4)}
 
 
 def _ground_truth_line(gt: dict) -> str:
     return (f"ground truth ({gt['ablation']} ablation): {gt['found']} of {gt['edges']} edges found, "
-            f"{gt['extra']} extra; edge AUROC of the scores {gt['edge_auroc']:.3f}")
+            f"{gt['extra']} extra; AUROC of the scores: edges {gt['edge_auroc']:.3f}, "
+            f"components {gt['node_auroc']:.3f}")
 
 
 def add_discover(sub, add_common) -> None:

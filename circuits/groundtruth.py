@@ -46,6 +46,12 @@ def node_auroc(graph: Graph, node_scores: torch.Tensor, truth_nodes: set[str]) -
     return auroc(node_scores[idx], truth)
 
 
+def truth_nodes(graph: Graph, truth_mask: torch.Tensor) -> set[str]:
+    """Heads and MLPs that touch a ground-truth edge: the node-level ground truth."""
+    touched = graph.node_mask(truth_mask.bool())
+    return {n for n, t in zip(graph.nodes, touched.tolist()) if t} - {"input", "logits"}
+
+
 def sweep_auroc(graph: Graph, masks: list[torch.Tensor], truth_mask: torch.Tensor) -> float:
     """AUROC of a family of circuits (e.g. ACDC over a τ sweep) against a ground-truth mask.
 

@@ -75,7 +75,7 @@ NOTEBOOKS = {
                  "setup = evaluation.prepare(model, builtin_tasks.build_task('induction', model, n=48))\n"
                  "from circuits.groundtruth import node_auroc\n"
                  "for name in ['eap', 'eap-ig-activations', 'exact']:\n"
-                 "    node = methods.node_scores(setup, methods.get(name).score(setup))\n"
+                 "    node = methods.node_scores(setup.graph, methods.get(name).score(setup))\n"
                  "    print(f'{name:20s} node AUROC {node_auroc(model.graph, node, truth):.2f}')"),
         ("md", "## Edge-level ground truth: tracr\n`tracr-reverse` is the RASP program `reverse` compiled by "
                "tracr; its ground-truth edges ship with it, for zero and for resample ablation (they differ: "

@@ -24,7 +24,7 @@ def test_node_and_edge_auroc_on_the_induction_model():
     setup = evaluation.prepare(model, build_task("induction", model, n=32))
     scores = methods.get("eap-ig-activations").score(setup)
     truth = set(model.meta["previous_token_heads"] + model.meta["induction_heads"])
-    assert node_auroc(model.graph, methods.node_scores(setup, scores), truth) >= 0.8
+    assert node_auroc(model.graph, methods.node_scores(setup.graph, scores), truth) >= 0.8
     key = model.graph.mask_from_edges([f"{p}->{i}<k>" for p in model.meta["previous_token_heads"]
                                        for i in model.meta["induction_heads"]])
     assert edge_auroc(model.graph, scores, key) >= 0.85   # the two K-composition edges rank high

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import torch
 
 from circuits.evaluation import Setup
+from circuits.graph import Graph
 
 
 class ScoreFn(Protocol):
@@ -55,12 +56,11 @@ def importance_sign(setup: Setup) -> float:
     return -1.0 if setup.task.metric.higher_is_better else 1.0
 
 
-def node_scores(setup: Setup, edge_scores: torch.Tensor) -> torch.Tensor:
+def node_scores(g: Graph, edge_scores: torch.Tensor) -> torch.Tensor:
     """Node-level view of edge scores: each node's summed |importance| of outgoing edges.
 
     [n_nodes]; the logits node gets the sum over its incoming edges.
     """
-    g = setup.graph
     mag = edge_scores.abs() * g.allowed
     out = torch.zeros(len(g.nodes))
     out[: g.n_senders] = mag.sum(1)
