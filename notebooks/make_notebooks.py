@@ -95,11 +95,18 @@ NOTEBOOKS = {
 }
 
 
+def build(name: str) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src)
+                             for kind, src in NOTEBOOKS[name]])
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"            # stable ids: regenerating leaves unchanged notebooks unchanged
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
 def main() -> None:
-    for name, cells in NOTEBOOKS.items():
-        nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, HERE / name)
+    for name in NOTEBOOKS:
+        nbformat.write(build(name), HERE / name)
 
 
 if __name__ == "__main__":
