@@ -17,6 +17,14 @@ def _midpoints(steps: int) -> list[float]:
 
 
 def eap(setup: Setup, progress: bool = False) -> torch.Tensor:
+    metric = setup.task.metric
+    if metric.is_divergence:
+        # A divergence from the clean run is at its minimum there: its gradient is exactly zero,
+        # so every score would be rounding noise.
+        raise ValueError(
+            f"eap takes the gradient at the clean run, where the {metric.value} metric (a divergence "
+            f"from the clean run) has zero gradient: every edge would score 0. Use eap-ig-inputs, "
+            f"eap-ig-activations or clean-corrupted, or a task metric (--metric logit-diff, ...)")
     return importance_sign(setup) * gradient_scores(setup, [1.0], "inputs", progress)
 
 
