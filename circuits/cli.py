@@ -8,10 +8,58 @@ import sys
 import time
 
 EXIT_OK, EXIT_ERROR, EXIT_BAR = 0, 2, 1
+ABLATIONS = ["resample", "mean", "mean-pos", "zero"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line (with where to look), like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1))
+
+
+def _examples(task) -> str:
+    """'64 examples', or '1 example (4 answer-token rows)' for multi-token answers."""
+    n = task.meta.get("examples", len(task))
+    text = f"{n} example{'s' if n != 1 else ''}"
+    if n != len(task):
+        text += f" ({len(task)} answer-token rows)"
+    dropped = task.meta.get("dropped")
+    if dropped:
+        text += "; dropped " + ", ".join(f"{v} ({k})" for k, v in dropped.items())
+    return text
 
 
 def cmd_models(args) -> int:
@@ -50,8 +98,15 @@ def cmd_graph(args) -> int:
 
 
 def _load_model_and_task(args):
+    import difflib
+    from pathlib import Path
     from circuits import models, tasks
-    from circuits.builtin_tasks import build_task, is_builtin
+    from circuits.builtin_tasks import TASKS, build_task, is_builtin
+    if not is_builtin(args.task) and not Path(args.task).exists():
+        close = difflib.get_close_matches(args.task, list(TASKS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise tasks.TaskError(f"unknown task {args.task!r}: neither a built-in task nor a file; {hint}"
+                              f"built-in tasks: {', '.join(TASKS)} (circuits tasks)")
     model = models.load(args.model, seed=args.seed, device=args.device)
     metric = tasks.Metric(args.metric) if getattr(args, "metric", None) else None
     if is_builtin(args.task):
@@ -67,12 +122,25 @@ def _load_model_and_task(args):
 
 
 def _circuit_mask(args, model):
+    """(mask, label, provenance) of --circuit: a file, 'full' or 'empty'."""
     from circuits import circuit as circuit_io
     if args.circuit in (None, "full"):
-        return model.graph.full_mask(), "full"
+        return model.graph.full_mask(), "full", {}
     if args.circuit == "empty":
-        return model.graph.empty_mask(), "empty"
-    return circuit_io.load(args.circuit, model.graph).mask, args.circuit
+        return model.graph.empty_mask(), "empty", {}
+    circ = circuit_io.load(args.circuit, model.graph)
+    return circ.mask, args.circuit, circ.provenance
+
+
+def ablation_for(args, provenance: dict) -> str:
+    """--ablation if given, else the one the circuit was found under (faithfulness depends on it)."""
+    return args.ablation or provenance.get("ablation") or "resample"
+
+
+def undefined_faithfulness(model_spec: str, task, ablation: str) -> str:
+    return (f"faithfulness is undefined: {model_spec} scores task {task.name} the same with every edge "
+            f"ablated ({ablation}) as clean, so there is no behaviour to explain. Does the model "
+            f"perform this task? (`circuits evaluate` shows the metric of each run)")
 
 
 def cmd_evaluate(args) -> int:
@@ -80,27 +148,34 @@ def cmd_evaluate(args) -> int:
     from circuits import evaluation, patching
     from circuits.tasks import metric_values
     model, task = _load_model_and_task(args)
-    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
-    mask, label = _circuit_mask(args, model)
+    mask, label, provenance = _circuit_mask(args, model)
+    ablation = ablation_for(args, provenance)
+    setup = evaluation.prepare(model, task, patching.Ablation(ablation), batch_size=args.batch_size)
     with torch.no_grad():
         corrupted_logits = patching.run(model.weights, model.graph, task.corrupted.to(model.weights.device),
                                         positions=task.positions).logits
     clean_logits = torch.cat([c.clean_logits for c in setup.chunks])
     m_corr = metric_values(task.metric, corrupted_logits, task, clean_logits).mean().item()
     f = setup.faithfulness(mask)
-    report = {"model": args.model, "task": task.name, "examples": len(task), "metric": task.metric.value,
-              "ablation": args.ablation, "circuit": label,
+    # Multi-token answers have one row per answer token: the per-example value is the row mean
+    # times rows per example (log-probability of the whole continuation).
+    scale = len(task) / task.meta.get("examples", len(task))
+    report = {"model": args.model, "task": task.name, "examples": task.meta.get("examples", len(task)),
+              "metric": task.metric.value, "ablation": ablation, "circuit": label,
               "edges": int((mask & model.graph.allowed).sum()), "total_edges": model.graph.n_edges,
-              "clean": f["model"], "corrupted": m_corr, "empty_circuit": f["empty"],
-              "with_circuit": f["circuit"], "faithfulness": f["faithfulness"]}
+              "clean": scale * f["model"], "corrupted": scale * m_corr, "empty_circuit": scale * f["empty"],
+              "with_circuit": scale * f["circuit"], "faithfulness": f["faithfulness"]}
     if args.json:
         _print_json(report)
     else:
-        print(f"{task.name}: {len(task)} examples, metric {task.metric.value}, {args.ablation} ablation")
+        print(f"{task.name}: {_examples(task)}, metric {task.metric.value}, {ablation} ablation")
         print(f"circuit {label}: {report['edges']} of {report['total_edges']} edges")
         for key in ("clean", "corrupted", "empty_circuit", "with_circuit"):
             print(f"  {key:<14} {report[key]: .4f}")
-        print(f"  faithfulness   {report['faithfulness']: .4f}   (m(C) - m(empty)) / (m(model) - m(empty))")
+        if f["faithfulness"] != f["faithfulness"]:
+            print("  faithfulness   undefined: the model scores the same with every edge ablated as clean")
+        else:
+            print(f"  faithfulness   {report['faithfulness']: .4f}   (m(C) - m(empty)) / (m(model) - m(empty))")
     return EXIT_OK
 
 
@@ -112,15 +187,15 @@ def _add_common(p, task: bool = True) -> None:
     if task:
         p.add_argument("--metric", choices=["logit-diff", "prob-diff", "logprob", "kl", "mse"],
                        help="override the task's metric")
-        p.add_argument("--n", type=int, default=64, help="examples for a built-in task (default 64)")
+        p.add_argument("--n", type=positive_int, default=64, help="examples for a built-in task (default 64)")
         p.add_argument("--counterfactual", help="MIB task data: the counterfactual column to use as the "
                                                 "corrupted prompt (default: MIB's, e.g. s2_io_flip_counterfactual)")
-        p.add_argument("--batch-size", type=int, default=None, help="examples per forward (memory)")
+        p.add_argument("--batch-size", type=positive_int, default=None, help="examples per forward (memory)")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="circuits", description="Find, verify and export circuits in transformer LMs.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = OneLineParser(prog="circuits", description="Find, verify and export circuits in transformer LMs.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("models", help="list built-in and random models",
                        epilog="example: circuits models")
@@ -138,7 +213,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("task", help="task file (JSONL/CSV) or built-in task name")
     p.add_argument("--circuit", default="full", help="circuit file, 'full' or 'empty' (default full)")
-    p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
+    p.add_argument("--ablation", choices=ABLATIONS,
+                   help="default: the circuit file's own ablation, else resample")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -150,16 +226,30 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import os
+    import signal
     args = parser().parse_args(argv)
     from circuits.errors import USER_ERRORS
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt        # so `kill` saves an ACDC checkpoint like Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, terminated) if argv is None else None
     try:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"circuits: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("circuits: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupted_hint", None)
+        print(f"circuits: interrupted{hint() if hint else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader (e.g. `| head`) left: not an error; keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

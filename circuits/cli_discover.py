@@ -7,17 +7,63 @@ from pathlib import Path
 DEFAULT_MODEL, DEFAULT_TASK = "induction-2l", "induction"
 
 
+SEARCH = ("acdc", "hybrid")
+
+
+def _check_options(args) -> None:
+    """Refuse options the chosen method would silently ignore."""
+    from circuits.methods import REGISTRY
+    method, given = args.method, lambda name: getattr(args, name) is not None
+    problems = []
+    if method not in SEARCH:
+        problems += [f"--{n.replace('_', '-')}" for n in ("tau", "acdc_metric", "checkpoint") if given(n)]
+        problems += ["--resume"] * args.resume
+    if method != "hybrid" and given("candidates"):
+        problems.append("--candidates")
+    if given("steps") and method != "hybrid" and "steps" not in REGISTRY.get(method, REGISTRY["eap"]).defaults:
+        problems.append("--steps")
+    if problems:
+        raise ValueError(f"{', '.join(problems)} {'does' if len(problems) == 1 else 'do'} not apply to "
+                         f"--method {method}")
+    chosen = [f"--{n.replace('_', '-')}" for n in ("top_n", "threshold", "greedy") if given(n)]
+    if method in SEARCH and (chosen or given("target_faithfulness")):
+        raise ValueError(f"{method} decides its circuit with --tau; {', '.join(chosen) or '--target-faithfulness'} "
+                         f"applies to scoring methods")
+    if chosen and given("target_faithfulness"):
+        raise ValueError(f"--target-faithfulness and {chosen[0]} are two ways to choose the size: give one")
+
+
+def _checkpoint(args) -> str | None:
+    """The ACDC checkpoint path; refuse to silently discard or to pretend to resume."""
+    if args.method not in SEARCH:
+        return None
+    path = args.checkpoint or args.out + ".ckpt.pt"
+    exists = Path(path).exists()
+    if args.resume and not exists:
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume to start)")
+    if exists and not args.resume:
+        raise ValueError(f"a checkpoint of an interrupted run is at {path}: add --resume to continue it, "
+                         f"or delete it to start over")
+    args.interrupted_hint = lambda: (f"; progress saved to {path}: rerun the same command with --resume"
+                                     if Path(path).exists() else "")
+    return path
+
+
 def cmd_discover(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching
-    from circuits.cli import _load_model_and_task, _print_json
-    from circuits.tasks import Metric
+    from circuits.cli import _examples, _load_model_and_task, _print_json, undefined_faithfulness
+    from circuits.tasks import Metric, TaskError
 
+    _check_options(args)
+    checkpoint = _checkpoint(args)
     model, task = _load_model_and_task(args)
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    if not setup.has_behaviour():
+        raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
+    target = 0.8 if args.target_faithfulness is None else args.target_faithfulness
     selection = discover.Selection(top_n=args.top_n, threshold=args.threshold, greedy=args.greedy,
-                                   target_faithfulness=args.target_faithfulness, prune=not args.no_prune)
-    checkpoint = args.checkpoint or (args.out + ".ckpt.pt" if args.method in ("acdc", "hybrid") else None)
+                                   target_faithfulness=target, prune=not args.no_prune)
     found = discover.run(setup, args.method, selection=selection, tau=args.tau, steps=args.steps,
                          candidates=args.candidates, acdc_metric=Metric(args.acdc_metric) if args.acdc_metric else None,
                          checkpoint=checkpoint, resume=args.resume, progress=not args.quiet,
@@ -26,31 +72,42 @@ def cmd_discover(args) -> int:
     if checkpoint and not args.checkpoint:
         Path(checkpoint).unlink(missing_ok=True)      # finished: the default checkpoint has served
     c = found.circuit
-    summary = {"model": args.model, "task": task.name, "method": args.method,
+    roles = {k: model.meta[k] for k in ("previous_token_heads", "induction_heads", "name_mover_heads",
+                                       "s_suppression_heads") if model.meta.get(k)}
+    found_nodes = set(c.node_names())
+    summary = {"model": args.model, "task": task.name, "examples": task.meta.get("examples", len(task)),
+               "metric": task.metric.value, "ablation": args.ablation, "method": args.method,
                "edges": c.n_edges, "total_edges": model.graph.n_edges,
                "nodes": [n for n in c.node_names() if n not in ("input", "logits")],
                "faithfulness": found.faithfulness["faithfulness"], "seconds": round(found.seconds, 2),
                "out": args.out, **found.details}
+    if roles:
+        summary["known_heads"] = {k: {h: h in found_nodes for h in v} for k, v in roles.items()}
     truth = model.meta.get("tracr", {}).get("ground_truth", {}).get(args.ablation)
     if truth and task.meta.get("generator") == "tracr":    # defined on the program's own task only
         summary["ground_truth"] = _ground_truth(model, c, args.ablation)
     if args.json:
         _print_json(summary)
-    else:
-        print(f"{args.method} on {args.model} / {task.name} ({len(task)} examples, "
-              f"{task.metric.value}, {args.ablation} ablation)")
-        print(f"circuit: {c.n_edges} of {model.graph.n_edges} edges "
-              f"({100 * c.n_edges / model.graph.n_edges:.1f}%), components: {', '.join(summary['nodes']) or '-'}")
-        print(f"faithfulness {summary['faithfulness']:.3f}   time {found.seconds:.1f}s   written to {args.out}")
-        roles = {k: model.meta[k] for k in ("previous_token_heads", "induction_heads", "name_mover_heads",
-                                                   "s_suppression_heads") if model.meta.get(k)}
-        if roles:
-            found_nodes = set(c.node_names())
-            print("known heads: " + "; ".join(
-                f"{k.replace('_', ' ')[:-1]}: " + ", ".join(f"{h} {'in circuit' if h in found_nodes else 'not in circuit'}" for h in v)
-                for k, v in roles.items()))
-        if "ground_truth" in summary:
-            print(_ground_truth_line(summary["ground_truth"]))
+        return 0
+    print(f"{args.method} on {args.model} / {task.name} ({_examples(task)}, "
+          f"{task.metric.value}, {args.ablation} ablation)")
+    selected = found.details.get("selected_before_pruning")
+    pruned = f"; {selected - c.n_edges} of {selected} selected pruned off input→logits paths" \
+        if selected is not None and selected > c.n_edges else ""
+    print(f"circuit: {c.n_edges} of {model.graph.n_edges} edges "
+          f"({100 * c.n_edges / model.graph.n_edges:.1f}%){pruned}, "
+          f"components: {', '.join(summary['nodes']) or '-'}")
+    print(f"faithfulness {summary['faithfulness']:.3f}   time {found.seconds:.1f}s   written to {args.out}")
+    if args.method in SEARCH and summary["faithfulness"] < 0.5:
+        print(f"note: ACDC kept only edges whose removal moves {found.circuit.provenance['parameters']['acdc_metric']} "
+              f"by more than --tau {found.circuit.provenance['parameters']['tau']}; a smaller --tau"
+              + (" or more --candidates" if args.method == "hybrid" else "") + " gives a more faithful circuit")
+    if roles:
+        print("known heads: " + "; ".join(
+            f"{k.replace('_', ' ')[:-1]}: " + ", ".join(f"{h} {'in circuit' if h in found_nodes else 'not in circuit'}" for h in v)
+            for k, v in roles.items()))
+    if "ground_truth" in summary:
+        print(_ground_truth_line(summary["ground_truth"]))
     return 0
 
 
@@ -74,6 +131,7 @@ def _ground_truth_line(gt: dict) -> str:
 
 
 def add_discover(sub, add_common) -> None:
+    from circuits.cli import ABLATIONS, fraction, non_negative_float, positive_int
     from circuits.methods import REGISTRY
     p = sub.add_parser(
         "discover", help="find the circuit of a model on a task",
@@ -88,20 +146,20 @@ def add_discover(sub, add_common) -> None:
     p.add_argument("task", nargs="?", default=DEFAULT_TASK, help=f"task file or built-in task (default {DEFAULT_TASK})")
     p.add_argument("--method", default="eap-ig-activations",
                    choices=sorted(REGISTRY) + ["acdc", "hybrid"], help="default eap-ig-activations")
-    p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
+    p.add_argument("--ablation", default="resample", choices=ABLATIONS)
     sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--top-n", type=int, help="keep the n highest-|score| edges")
-    sel.add_argument("--threshold", type=float, help="keep edges with |score| >= threshold")
-    sel.add_argument("--greedy", type=int, help="grow n edges greedily from the logits")
-    p.add_argument("--target-faithfulness", type=float, default=0.8,
+    sel.add_argument("--top-n", type=positive_int, help="keep the n highest-|score| edges")
+    sel.add_argument("--threshold", type=non_negative_float, help="keep edges with |score| >= threshold")
+    sel.add_argument("--greedy", type=positive_int, help="grow n edges greedily from the logits")
+    p.add_argument("--target-faithfulness", type=fraction,
                    help="without --top-n/--threshold/--greedy: smallest top-n reaching this (default 0.8)")
-    p.add_argument("--tau", type=float, help="ACDC threshold (default 0.01)")
+    p.add_argument("--tau", type=non_negative_float, help="ACDC threshold (default 0.01)")
     p.add_argument("--acdc-metric", choices=["logit-diff", "prob-diff", "logprob", "kl", "mse"],
                    help="what ACDC compares (default kl, or the task's metric when it is a divergence)")
-    p.add_argument("--candidates", type=int, help="hybrid: edges ACDC examines (default 10%% of edges)")
-    p.add_argument("--steps", type=int, help="integrated-gradient steps (default 5)")
+    p.add_argument("--candidates", type=positive_int, help="hybrid: edges ACDC examines (default 10%% of edges)")
+    p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5)")
     p.add_argument("--no-prune", action="store_true", help="keep edges off input→logits paths")
-    p.add_argument("--out", default="circuit.json", help="circuit file to write (default circuit.json)")
+    p.add_argument("--out", "-o", default="circuit.json", help="circuit file to write (default circuit.json)")
     p.add_argument("--checkpoint", help="ACDC checkpoint file (default OUT.ckpt.pt)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint")
     add_common(p)

@@ -17,11 +17,15 @@ def cmd_verify(args) -> int:
     import math
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching, verify
-    from circuits.cli import EXIT_BAR, _load_model_and_task, _print_json
+    from circuits.cli import EXIT_BAR, _load_model_and_task, _print_json, ablation_for, undefined_faithfulness
+    from circuits.tasks import TaskError
 
     model, task = _load_model_and_task(args)
     circ = circuit_io.load(args.circuit, model.graph)
+    args.ablation = ablation_for(args, circ.provenance)
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    if not setup.has_behaviour():
+        raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     mask = circ.mask & model.graph.allowed
     empty, full = verify.baselines(setup)
     m_c = setup.metric(mask).mean().item()
@@ -154,6 +158,7 @@ def cmd_tasks(args) -> int:
 
 
 def add_tools(sub, add_common) -> None:
+    from circuits.cli import ABLATIONS, non_negative_int
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("verify", help="faithfulness, curve (CPR/CMD), completeness, minimality, ablations, stability",
                        epilog="example: circuits verify circuit.json induction-2l induction --min-faithfulness 0.8",
@@ -161,10 +166,11 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("circuit")
     p.add_argument("model")
     p.add_argument("task")
-    p.add_argument("--ablation", default="resample", choices=["resample", "mean", "mean-pos", "zero"])
+    p.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit file's own ablation, else resample")
     p.add_argument("--min-faithfulness", type=float, help="exit 1 when normalized faithfulness is below this")
-    p.add_argument("--subsets", type=int, default=16, help="completeness: random knock-out subsets (default 16)")
-    p.add_argument("--stability", type=int, default=0, help="bootstrap rediscoveries (default 0: skip)")
+    p.add_argument("--subsets", type=non_negative_int, default=16,
+                   help="completeness: random knock-out subsets (default 16)")
+    p.add_argument("--stability", type=non_negative_int, default=0, help="bootstrap rediscoveries (default 0: skip)")
     p.add_argument("--out", help="write the JSON report here")
     add_common(p)
     p.set_defaults(func=cmd_verify)

@@ -44,7 +44,8 @@ class Discovery:
     details: dict = field(default_factory=dict)
 
 
-def _apply(setup: Setup, scores: torch.Tensor, sel: Selection) -> torch.Tensor:
+def _apply(setup: Setup, scores: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, int | None]:
+    """(mask, edges selected before pruning; None for the faithfulness target)."""
     g = setup.graph
     if sel.top_n is not None:
         mask = select.top_n(g, scores, sel.top_n)
@@ -53,8 +54,9 @@ def _apply(setup: Setup, scores: torch.Tensor, sel: Selection) -> torch.Tensor:
     elif sel.greedy is not None:
         mask = select.greedy(g, scores, sel.greedy)
     else:
-        return smallest_faithful(setup, scores, sel.target_faithfulness, sel.prune)
-    return select.prune(g, mask) if sel.prune else mask
+        return smallest_faithful(setup, scores, sel.target_faithfulness, sel.prune), None
+    selected = int((mask & g.allowed).sum())
+    return (select.prune(g, mask) if sel.prune else mask), selected
 
 
 def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: bool = True) -> torch.Tensor:
@@ -125,8 +127,10 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             kwargs["steps"] = steps
         params = dict(kwargs)
         scores = spec.score(setup, progress=progress, **kwargs)
-        mask = _apply(setup, scores, selection)
+        mask, selected = _apply(setup, scores, selection)
         params["selection"] = selection.describe()
+        if selected is not None:
+            details = {"selected_before_pruning": selected}
     seconds = time.perf_counter() - t0
     faith = setup.faithfulness(mask)
     prov = {"model": setup.model.spec, "task": {"name": setup.task.name, **setup.task.meta,

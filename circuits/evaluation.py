@@ -81,6 +81,13 @@ class Setup:
         metric = metric or self.task.metric
         return torch.cat([metric_values(metric, c.clean_logits, c.task, c.clean_logits) for c in self.chunks])
 
+    def has_behaviour(self) -> bool:
+        """False when ablating every edge leaves the metric as it is clean: nothing to explain,
+        and faithfulness (a ratio over that difference) is undefined."""
+        full = self.clean_metric().mean().item()
+        empty = self.metric(self.graph.empty_mask()).mean().item()
+        return abs(full - empty) > 1e-6 * max(1.0, abs(full), abs(empty))
+
     def faithfulness(self, mask: torch.Tensor) -> dict:
         """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means."""
         m_c = self.metric(mask).mean().item()

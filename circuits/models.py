@@ -14,6 +14,7 @@ and that patching each kind of receiver changes them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -212,6 +213,7 @@ def _load_dir(spec: str, path: Path, meta: dict, check: bool, dtype) -> Model:
 def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=None,
          check: bool = True) -> Model:
     """Load a model from a spec string (see module docstring)."""
+    _check_device(device)
     torch.manual_seed(seed)
     if spec.startswith("random:"):
         name = spec.split(":", 1)[1]
@@ -229,11 +231,29 @@ def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=
     elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
         raise ModelLoadError(f"{spec}: no such directory")
     else:
+        close = difflib.get_close_matches(spec, list(builtin_models()), n=1, cutoff=0.75)
+        if close and "/" not in spec:
+            # a typo of a shipped name would otherwise spend half a minute on hub retries
+            raise ModelLoadError(f"unknown model {spec!r}; did you mean {close[0]}? "
+                                 f"(built-in: {', '.join(builtin_models())}; `circuits models`)")
         model = _load_hub(spec, check, dtype)
     if str(device) != "cpu" or dtype is not None:
         model = Model(model.spec, model.weights.to(device, dtype), model.graph, model.tokenizer,
                       model.bridge, model.meta)
     return model
+
+
+def _check_device(device) -> None:
+    """A clear error for a device this torch cannot use (before any loading work)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r}: this torch has no usable CUDA device "
+                             f"(torch {torch.__version__}; torch.cuda.is_available() is False)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: MPS is not available here")
 
 
 def _load_hub(spec: str, check: bool, dtype) -> Model:

@@ -260,7 +260,9 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
             raise TaskError(f"{where}: missing field(s) {', '.join(missing)}")
         c = _prompt(tokenizer, row["clean"], where, bos)
         x = _prompt(tokenizer, row["corrupted"], where, bos)
-        wrong = [_single_token(tokenizer, a, where) for a in _as_list(row.get("wrong") or [])]
+        # logprob scores the answer alone: wrong answers are not read, so not tokenized either
+        wrong = [] if metric is Metric.LOGPROB else \
+            [_single_token(tokenizer, a, where) for a in _as_list(row.get("wrong") or [])]
         continuation = _continuation(tokenizer, row["answer"], metric)
         if continuation:
             # log p(whole continuation) = Σ_i log p(a_i | prompt, a_<i): one row per token, both
