@@ -133,7 +133,13 @@ def _circuit_mask(args, model):
 
 
 def ablation_for(args, provenance: dict) -> str:
-    """--ablation if given, else the one the circuit was found under (faithfulness depends on it)."""
+    """--ablation if given, else the one the circuit was found under (faithfulness depends on it).
+
+    Also says so when the circuit was found on another model of the same shape (allowed: the
+    same circuit across checkpoints is a question users ask, but it should not pass unnoticed)."""
+    found_on = provenance.get("model")
+    if found_on and found_on != args.model:
+        print(f"note: the circuit was found on {found_on}; applying it to {args.model}", file=sys.stderr)
     return args.ablation or provenance.get("ablation") or "resample"
 
 

@@ -124,3 +124,11 @@ def test_multi_token_answers_report_whole_continuations(capsys, tmp_path):
     assert report["examples"] == 1 and report["clean"] == pytest.approx(whole, rel=1e-5)
     assert main(["evaluate", "random:gpt2-tiny", str(path), "--metric", "logprob"]) == 0
     assert f"1 example ({n_tokens} answer-token rows)" in capsys.readouterr().out
+
+
+def test_applying_a_circuit_to_another_model_is_said(capsys, tmp_path):
+    out = str(tmp_path / "c.json")
+    assert main(["discover", "--out", out, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "random:gpt2-tiny", "induction", "--circuit", out, "--json"]) == 0
+    assert "the circuit was found on induction-2l; applying it to random:gpt2-tiny" in capsys.readouterr().err
