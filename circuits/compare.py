@@ -58,30 +58,49 @@ def compare_same_model(a: Circuit, b: Circuit, name_a: str = "A", name_b: str = 
         "per_layer": per_layer})
 
 
-def _depth_profile(c: Circuit, bins: int) -> dict[str, list[float]]:
-    """Fraction of each kind of component in the circuit per relative-depth bin."""
-    a = c.graph.arch
-    heads, mlps = [0.0] * bins, [0.0] * bins
-    for n in _components(c):
-        rel = (_layer(n) + 0.5) / a.n_layers
-        b = min(bins - 1, int(rel * bins))
-        if n.startswith("m"):
-            mlps[b] += 1 / a.n_layers
-        else:
-            heads[b] += 1 / (a.n_layers * a.n_heads)
-    return {"heads": [h * bins for h in heads], "mlps": [m * bins for m in mlps]}
+def _depth_overlap(layer: int, n_layers: int, b: int, bins: int) -> float:
+    """How much of relative-depth bin b that layer covers; layer l spans [l, l+1) / n_layers."""
+    return max(0.0, min((layer + 1) / n_layers, (b + 1) / bins) - max(layer / n_layers, b / bins))
+
+
+def _depth_profile(c: Circuit, bins: int) -> dict[str, list[float | None]]:
+    """Share (0..1) of the model's heads, and of its MLPs, that the circuit uses per depth bin.
+
+    A bin counts each layer's components in proportion to the overlap, so every bin is covered
+    even when bins outnumber layers. None where the model has no component of that kind (an
+    attention-only model's MLPs)."""
+    n_layers = c.graph.arch.n_layers
+    used = _components(c)
+    totals = {"heads": [0.0] * bins, "mlps": [0.0] * bins}
+    hits = {"heads": [0.0] * bins, "mlps": [0.0] * bins}
+    for n in c.graph.nodes:
+        if n in ("input", "logits"):
+            continue
+        kind = "mlps" if n.startswith("m") else "heads"
+        for b in range(bins):
+            w = _depth_overlap(_layer(n), n_layers, b, bins)
+            totals[kind][b] += w
+            hits[kind][b] += w if n in used else 0.0
+    return {k: [h / t if t else None for h, t in zip(hits[k], totals[k])] for k in totals}
+
+
+def _profile_distance(pa: dict, pb: dict) -> float | None:
+    """Mean |share A − share B| over the bins and kinds both models have."""
+    gaps = [abs(x - y) for k in ("heads", "mlps") for x, y in zip(pa[k], pb[k])
+            if x is not None and y is not None]
+    return sum(gaps) / len(gaps) if gaps else None
 
 
 def compare_across_models(a: Circuit, b: Circuit, name_a: str = "A", name_b: str = "B",
                           bins: int = 4) -> PairReport:
     pa, pb = _depth_profile(a, bins), _depth_profile(b, bins)
-    dist = sum(abs(x - y) for k in ("heads", "mlps") for x, y in zip(pa[k], pb[k])) / (2 * bins)
     note = ("the models differ in depth or width, so individual heads and edges have no counterpart; "
-            "compared: the share of heads and MLPs used in each relative-depth bin (layer+0.5)/n_layers")
+            "compared: the share of each model's heads and of its MLPs that the circuit uses, per "
+            "relative-depth bin (layer l spans depths l/n_layers to (l+1)/n_layers)")
     return PairReport(name_a, name_b, "relative-depth", {
         "note": note, "bins": bins,
         "bin_edges": [round(i / bins, 3) for i in range(bins + 1)],
-        "depth_profile_a": pa, "depth_profile_b": pb, "profile_distance": dist,
+        "depth_profile_a": pa, "depth_profile_b": pb, "profile_distance": _profile_distance(pa, pb),
         "components": [len(_components(a)), len(_components(b))],
         "edge_fraction": [a.n_edges / a.graph.n_edges, b.n_edges / b.graph.n_edges]})
 
@@ -106,6 +125,10 @@ def diff_dot(a: Circuit, b: Circuit, title: str | None = None) -> str:
     return to_dot(union, title=title, node_colours=node_colours, edge_colours=edge_colours)
 
 
+def _share(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def format_report(r: PairReport) -> str:
     f = r.figures
     if r.comparable == "edges":
@@ -120,10 +143,11 @@ def format_report(r: PairReport) -> str:
         return "\n".join(lines)
     lines = [f"{r.a} vs {r.b}: different models, aligned by relative depth", f"  {f['note']}"]
     for i in range(f["bins"]):
+        pa, pb = f["depth_profile_a"], f["depth_profile_b"]
         lines.append(f"  depth {f['bin_edges'][i]:.2f}-{f['bin_edges'][i + 1]:.2f}: heads "
-                     f"{f['depth_profile_a']['heads'][i]:.2f} / {f['depth_profile_b']['heads'][i]:.2f}, MLPs "
-                     f"{f['depth_profile_a']['mlps'][i]:.2f} / {f['depth_profile_b']['mlps'][i]:.2f}")
-    lines.append(f"  profile distance {f['profile_distance']:.3f} (0 = same use of depth)")
+                     f"{_share(pa['heads'][i])} / {_share(pb['heads'][i])}, MLPs "
+                     f"{_share(pa['mlps'][i])} / {_share(pb['mlps'][i])}")
+    lines.append(f"  profile distance {_share(f['profile_distance'], 3)} (mean |difference| of the shares; 0 = same use of depth)")
     return "\n".join(lines)
 
 

@@ -175,3 +175,23 @@ def test_compare_same_model_and_across_models():
     r2 = compare.compare(c, deep)
     assert r2.comparable == "relative-depth" and "no counterpart" in r2.figures["note"]
     assert "Jaccard" in compare.format_report(r) and "relative depth" in compare.format_report(r2)
+
+
+def test_depth_profile_is_a_share_of_each_bin():
+    """Across models, each bin shows the share (0..1) of the model's heads/MLPs the circuit uses;
+    2 layers over 4 bins: bins 0-1 are layer 0, bins 2-3 layer 1."""
+    _, c = circuit_with_scores()
+    big = load_model("random:llama-tiny")
+    full = circuit_io.Circuit(big.graph, big.graph.full_mask(), None, {})
+    r = compare.compare(c, full)
+    pa, pb = r.figures["depth_profile_a"], r.figures["depth_profile_b"]
+    for share in pa["heads"] + pa["mlps"] + pb["heads"] + pb["mlps"]:
+        assert 0.0 <= share <= 1.0
+    assert pb == {"heads": [1.0] * 4, "mlps": [1.0] * 4}
+    used = set(c.node_names())
+    for b, layer in enumerate([0, 0, 1, 1]):
+        assert pa["heads"][b] == pytest.approx(sum(f"a{layer}.h{h}" in used for h in range(4)) / 4)
+        assert pa["mlps"][b] == float(f"m{layer}" in used)
+    assert 0.0 <= r.figures["profile_distance"] <= 1.0
+    for line in compare.format_report(r).splitlines()[2:6]:
+        assert all(float(x) <= 1.0 for x in re.findall(r"\d+\.\d+", line.split(":", 1)[1]))
