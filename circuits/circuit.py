@@ -87,9 +87,16 @@ def edges_from_dict(edges: dict, graph: Graph, source: str) -> tuple[torch.Tenso
             s, r = graph.edge(name)
         except KeyError as err:
             raise CircuitFileError(f"{source}: {err.args[0]}") from None
+        if not isinstance(edge, dict):
+            raise CircuitFileError(f"{source}: edge {name!r} should be an object with score and in_graph, "
+                                   f"got {edge!r:.60}")
         mask[s, r] = bool(edge.get("in_graph", False))
         if edge.get("score") is not None:
-            scores[s, r] = float(edge["score"])
+            try:
+                scores[s, r] = float(edge["score"])
+            except (TypeError, ValueError):
+                raise CircuitFileError(f"{source}: edge {name!r} has score {edge['score']!r:.60}, "
+                                       f"not a number") from None
             has_scores = True
     return mask, scores if has_scores else None
 
@@ -123,9 +130,14 @@ def load(path: str | Path, graph: Graph | None = None) -> Circuit:
     if not path.is_file():
         raise CircuitFileError(f"{path}: no such circuit file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CircuitFileError(f"{path}: binary content, not a circuits JSON file (an MIB .pt file? "
+                               f"`circuits import --format mib` reads it)") from None
     except json.JSONDecodeError as err:
         raise CircuitFileError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise CircuitFileError(f"{path}: not a circuits file (a JSON {type(data).__name__}, not an object)")
     if graph is None:
         if data.get("schema") != SCHEMA:
             raise CircuitFileError(f"{path}: not a circuits file (schema {data.get('schema')!r})")

@@ -102,6 +102,22 @@ def test_own_json_round_trip(tmp_path):
     assert torch.equal(no_model.mask, back.mask)
 
 
+
+def test_circuit_load_refuses_binary_and_non_object_files_in_one_line(tmp_path):
+    model, c = circuit_with_scores()
+    io.save_mib_pt(c, tmp_path / "c.pt")
+    with pytest.raises(circuit_io.CircuitFileError, match=re.escape(f"{tmp_path / 'c.pt'}: binary content")):
+        circuit_io.load(tmp_path / "c.pt")
+    (tmp_path / "a.json").write_text("[1, 2]")
+    with pytest.raises(circuit_io.CircuitFileError, match="a JSON list, not an object"):
+        circuit_io.load(tmp_path / "a.json")
+    data = circuit_io.to_dict(c)
+    data["edges"][next(iter(data["edges"]))] = {"score": "high", "in_graph": True}
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(circuit_io.CircuitFileError, match="has score 'high', not a number"):
+        circuit_io.load(tmp_path / "b.json")
+
+
 def test_mib_json_and_pt_layout_and_round_trip(tmp_path):
     model, c = circuit_with_scores()
     io.save_mib_json(c, tmp_path / "c.json")
