@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import torch
 
 from circuits.circuit import Circuit, CircuitFileError, edges_from_dict
 from circuits.graph import Channel, Graph
+
+
+# What each reader expects, for error messages about a file in another format.
+MIB_EXPECTED = "an MIB circuit (JSON with cfg, nodes and edges, or the .pt file torch.save writes)"
+GRAPHML_EXPECTED = "a GraphML circuit (as `circuits export --format graphml` writes)"
+NODE_LINK_EXPECTED = "a node-link JSON circuit (as `circuits export --format node-link` writes)"
 
 
 # ---- MIB / EAP-IG ----------------------------------------------------------------------------
@@ -49,18 +56,24 @@ def to_mib(circuit: Circuit) -> dict:
             "edges": edges}
 
 
-def _check_cfg(cfg: dict, graph: Graph, source: str) -> None:
+def _check_cfg(cfg: Any, graph: Graph, source: str) -> None:
+    if not isinstance(cfg, dict):
+        raise CircuitFileError(f"{source}: MIB cfg should be an object with n_layers, n_heads, …; got {cfg!r:.60}")
     mine = mib_cfg(graph)
     for key in ("n_layers", "n_heads", "parallel_attn_mlp"):
         if key in cfg and cfg[key] != mine[key]:
             raise CircuitFileError(f"{source}: MIB cfg has {key}={cfg[key]}, this model has {mine[key]}")
 
 
-def from_mib(data: dict, graph: Graph, source: str = "MIB circuit") -> Circuit:
+def from_mib(data: Any, graph: Graph, source: str = "MIB circuit") -> Circuit:
     _check_mib_expressible(graph)
+    if not isinstance(data, dict):
+        raise CircuitFileError(f"{source}: not an MIB circuit (a JSON {type(data).__name__}); expected {MIB_EXPECTED}")
     for key in ("cfg", "edges"):
         if key not in data:
-            raise CircuitFileError(f"{source}: not an MIB circuit (missing {key!r})")
+            raise CircuitFileError(f"{source}: not an MIB circuit (missing {key!r}); expected {MIB_EXPECTED}")
+    if not isinstance(data["edges"], dict):
+        raise CircuitFileError(f"{source}: MIB 'edges' should map edge names to {{score, in_graph}}")
     _check_cfg(data["cfg"], graph, source)
     mask, scores = edges_from_dict(data["edges"], graph, source)
     return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"})
@@ -83,29 +96,65 @@ def save_mib_pt(circuit: Circuit, path: str | Path) -> None:
                 "nodes_in_graph": nodes.contiguous()}, path)
 
 
-def load_mib(path: str | Path, graph: Graph) -> Circuit:
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise CircuitFileError(f"{path}: no such file")
-    if path.suffix == ".pt":
-        try:
-            d = torch.load(path, weights_only=True)
-        except Exception as err:  # torch raises several unrelated types for a bad file
-            raise CircuitFileError(f"{path}: not a readable .pt circuit ({err})") from None
-        missing = {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph"} - set(d)
-        if missing:
-            raise CircuitFileError(f"{path}: MIB .pt file lacks {', '.join(sorted(missing))}")
-        _check_mib_expressible(graph)
-        _check_cfg(d["cfg"], graph, str(path))
-        if list(d["src_nodes"]) != list(graph.senders) or list(d["dst_nodes"]) != [r.name for r in graph.receivers]:
-            raise CircuitFileError(f"{path}: node order differs from this model's graph")
-        mask = d["edges_in_graph"].bool() & graph.allowed
-        return Circuit(graph, mask, d["edges_scores"].float(), {"imported_from": str(path), "format": "mib-pt"})
+    return path
+
+
+def _first_line(err: Exception) -> str:
+    """Parsers' messages can run to many lines; the CLI prints one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive; its legacy format is a raw pickle (PROTO opcode 0x80).
+    Judged by content, not name: MIB files come named .pt, .pth, .mib-pt or anything else."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _read_json(path: Path, expected: str) -> Any:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CircuitFileError(f"{path}: binary content, not JSON; expected {expected}") from None
     except json.JSONDecodeError as err:
-        raise CircuitFileError(f"{path}: not valid JSON ({err.msg})") from None
-    return from_mib(data, graph, str(path))
+        raise CircuitFileError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); "
+                               f"expected {expected}") from None
+
+
+def _load_mib_pt(path: Path, graph: Graph) -> Circuit:
+    try:
+        d = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a bad file
+        raise CircuitFileError(f"{path}: not a readable torch file ({_first_line(err)}); "
+                               f"expected {MIB_EXPECTED}") from None
+    if not isinstance(d, dict):
+        raise CircuitFileError(f"{path}: a torch file holding a {type(d).__name__}, not an MIB circuit dict")
+    missing = {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph"} - set(d)
+    if missing:
+        raise CircuitFileError(f"{path}: MIB .pt file lacks {', '.join(sorted(missing))}")
+    _check_mib_expressible(graph)
+    _check_cfg(d["cfg"], graph, str(path))
+    if list(d["src_nodes"]) != list(graph.senders) or list(d["dst_nodes"]) != [r.name for r in graph.receivers]:
+        raise CircuitFileError(f"{path}: node order differs from this model's graph")
+    for key in ("edges_scores", "edges_in_graph"):
+        if not isinstance(d[key], torch.Tensor) or d[key].shape != graph.allowed.shape:
+            raise CircuitFileError(f"{path}: {key} should be a tensor of shape {tuple(graph.allowed.shape)}")
+    mask = d["edges_in_graph"].bool() & graph.allowed
+    return Circuit(graph, mask, d["edges_scores"].float(), {"imported_from": str(path), "format": "mib-pt"})
+
+
+def load_mib(path: str | Path, graph: Graph) -> Circuit:
+    """An MIB circuit file, torch .pt or JSON, told apart by content whatever its name."""
+    path = _existing(path)
+    if _is_torch_file(path):
+        return _load_mib_pt(path, graph)
+    return from_mib(_read_json(path, MIB_EXPECTED), graph, str(path))
 
 
 # ---- networkx, GraphML, node-link ------------------------------------------------------------
@@ -150,26 +199,55 @@ def to_networkx(circuit: Circuit, only_circuit: bool = False) -> nx.DiGraph:
     return G
 
 
-def from_networkx(G: nx.DiGraph, graph: Graph) -> Circuit:
+def _check_shape(G: nx.Graph, graph: Graph, source: str) -> None:
+    """The layer/head counts a circuits export records must match the model's."""
+    a = graph.arch
+    for key, mine in (("n_layers", a.n_layers), ("n_heads", a.n_heads), ("n_kv_heads", a.n_kv_heads)):
+        theirs = G.graph.get(key)
+        if theirs is not None and int(theirs) != mine:
+            raise CircuitFileError(f"{source}: made for a model with {key}={theirs}, this model has {mine}")
+
+
+def _score(value: Any, name: str, source: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CircuitFileError(f"{source}: edge {name!r} has score {value!r}, not a number") from None
+
+
+def from_networkx(G: nx.Graph, graph: Graph, source: str = "networkx graph") -> Circuit:
+    _check_shape(G, graph, source)
     mask = graph.empty_mask()
     scores = torch.zeros(graph.n_senders, graph.n_receivers)
-    has_scores = False
+    has_scores = found = False
     for u, v, attrs in G.edges(data=True):
         for key, value in attrs.items():
             if not key.startswith("in_graph_"):
                 continue
+            found = True
             ch = key[len("in_graph_"):]
             name = f"{u}->{v}" if ch == "in" else f"{u}->{v}<{ch}>"
             try:
                 s, r = graph.edge(name)
             except KeyError as err:
-                raise CircuitFileError(f"networkx graph: {err.args[0]}") from None
+                raise CircuitFileError(f"{source}: {err.args[0]}") from None
             mask[s, r] = value in (True, "true", "True", 1)
             if f"score_{ch}" in attrs:
-                scores[s, r] = float(attrs[f"score_{ch}"])
+                scores[s, r] = _score(attrs[f"score_{ch}"], name, source)
                 has_scores = True
+    # Any other graph parses too, as an empty circuit; a circuit graph marks every edge it lists.
+    if G.number_of_edges() and not found:
+        raise CircuitFileError(f"{source}: a graph whose edges carry no in_graph_<channel> attributes, "
+                               f"not a circuit (as `circuits export` writes it)")
+    return Circuit(graph, mask, scores if has_scores else None, _provenance(G, source))
+
+
+def _provenance(G: nx.Graph, source: str) -> dict:
     prov = G.graph.get("provenance")
-    return Circuit(graph, mask, scores if has_scores else None, json.loads(prov) if prov else {})
+    try:
+        return json.loads(prov) if prov else {}
+    except (TypeError, json.JSONDecodeError):
+        raise CircuitFileError(f"{source}: the graph's provenance attribute is not JSON") from None
 
 
 def save_graphml(circuit: Circuit, path: str | Path) -> None:
@@ -177,7 +255,12 @@ def save_graphml(circuit: Circuit, path: str | Path) -> None:
 
 
 def load_graphml(path: str | Path, graph: Graph) -> Circuit:
-    return from_networkx(nx.read_graphml(path), graph)
+    path = _existing(path)
+    try:
+        G = nx.read_graphml(path)
+    except Exception as err:  # XML ParseError, NetworkXError, and KeyError/ValueError on odd attributes
+        raise CircuitFileError(f"{path}: not GraphML ({_first_line(err)}); expected {GRAPHML_EXPECTED}") from None
+    return from_networkx(G, graph, str(path))
 
 
 def save_node_link(circuit: Circuit, path: str | Path) -> None:
@@ -185,5 +268,14 @@ def save_node_link(circuit: Circuit, path: str | Path) -> None:
 
 
 def load_node_link(path: str | Path, graph: Graph) -> Circuit:
-    data = json.loads(Path(path).read_text())
-    return from_networkx(nx.node_link_graph(data, edges="links"), graph)
+    path = _existing(path)
+    data = _read_json(path, NODE_LINK_EXPECTED)
+    if not (isinstance(data, dict) and isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list)):
+        raise CircuitFileError(f"{path}: not node-link data (no 'nodes' and 'links' lists); "
+                               f"expected {NODE_LINK_EXPECTED}")
+    try:
+        G = nx.node_link_graph(data, edges="links")
+    except (KeyError, TypeError, AttributeError, nx.NetworkXError) as err:  # a node or link lacks id/source/target
+        raise CircuitFileError(f"{path}: malformed node-link data ({type(err).__name__} {_first_line(err)}); "
+                               f"expected {NODE_LINK_EXPECTED}") from None
+    return from_networkx(G, graph, str(path))

@@ -96,3 +96,28 @@ def test_metric_choices_match_the_metrics():
 
 def test_counterfactual_option_is_refused_for_builtin_tasks():
     assert main(["evaluate", "induction-2l", "induction", "--counterfactual", "abc_counterfactual"]) == 2
+
+
+def _induction_circuit_files(tmp_path):
+    from circuits import circuit as circuit_io
+    from circuits import io, models
+    g = models.load("induction-2l").graph
+    c = circuit_io.Circuit(g, g.full_mask(), None, {"model": "induction-2l"})
+    circuit_io.save(c, tmp_path / "cc.json")
+    io.save_mib_json(c, tmp_path / "mib.json")
+    io.save_mib_pt(c, tmp_path / "ex.mib-pt")
+    return tmp_path / "cc.json", tmp_path / "mib.json", tmp_path / "ex.mib-pt"
+
+
+def test_import_wrong_format_is_one_line_and_mib_pt_is_read_by_content(tmp_path, capsys):
+    _, mib_json, mib_pt = _induction_circuit_files(tmp_path)
+    out = str(tmp_path / "x.json")
+    assert main(["import", str(mib_json), "--format", "graphml", "--model", "induction-2l", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{mib_json}: not GraphML" in err and "expected a GraphML circuit" in err
+    assert main(["import", str(mib_pt), "--format", "node-link", "--model", "induction-2l", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mib_pt}: binary content" in err and "node-link" in err
+    assert main(["import", str(mib_pt), "--format", "mib", "--model", "induction-2l", "-o", out]) == 0
+    assert "110 edges" in capsys.readouterr().out

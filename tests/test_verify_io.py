@@ -135,6 +135,59 @@ def test_mib_json_and_pt_layout_and_round_trip(tmp_path):
     same(c, io.load_mib(tmp_path / "c.pt", model.graph))
 
 
+
+def test_mib_reader_tells_pt_from_json_by_content_not_name(tmp_path):
+    model, c = circuit_with_scores()
+    io.save_mib_pt(c, tmp_path / "ex.mib-pt")
+    same(c, io.load_mib(tmp_path / "ex.mib-pt", model.graph))
+    io.save_mib_json(c, tmp_path / "json-named.pt")
+    same(c, io.load_mib(tmp_path / "json-named.pt", model.graph))
+
+
+def _wrong_files(tmp_path, c):
+    """One file per format, each given to every reader but its own."""
+    files = {"mib": tmp_path / "c.mib.json", "mib-pt": tmp_path / "c.pt", "graphml": tmp_path / "c.graphml",
+             "node-link": tmp_path / "c.nl.json", "circuits": tmp_path / "c.json",
+             "text": tmp_path / "notes.txt", "array": tmp_path / "array.json", "other-pt": tmp_path / "other.pt"}
+    io.save_mib_json(c, files["mib"])
+    io.save_mib_pt(c, files["mib-pt"])
+    io.save_graphml(c, files["graphml"])
+    io.save_node_link(c, files["node-link"])
+    circuit_io.save(c, files["circuits"])
+    files["text"].write_text("hello\n")
+    files["array"].write_text("[1, 2]")
+    torch.save([1, 2], files["other-pt"])
+    return files
+
+
+@pytest.mark.parametrize("fmt,reader,own", [("mib", io.load_mib, ("mib", "mib-pt")),
+                                            ("graphml", io.load_graphml, ("graphml",)),
+                                            ("node-link", io.load_node_link, ("node-link",))])
+def test_readers_refuse_other_formats_naming_file_and_format(tmp_path, fmt, reader, own):
+    model, c = circuit_with_scores()
+    expected = {"mib": "an MIB circuit", "graphml": "GraphML", "node-link": "node-link"}[fmt]
+    for kind, path in _wrong_files(tmp_path, c).items():
+        if kind in own:
+            continue
+        with pytest.raises(circuit_io.CircuitFileError) as err:
+            reader(path, model.graph)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg, (kind, msg)
+        assert expected in msg, (kind, msg)
+
+
+@pytest.mark.parametrize("save,reader", [(io.save_mib_json, io.load_mib), (io.save_mib_pt, io.load_mib),
+                                         (io.save_graphml, io.load_graphml),
+                                         (io.save_node_link, io.load_node_link)])
+def test_readers_refuse_a_circuit_of_another_model_naming_the_file(tmp_path, save, reader):
+    _, c = circuit_with_scores()
+    other = load_model("random:gpt2-small")
+    path = tmp_path / "c.out"
+    save(c, path)
+    with pytest.raises(circuit_io.CircuitFileError, match=re.escape(f"{path}: ") + ".*n_layers=2"):
+        reader(path, other.graph)
+
+
 def test_mib_refuses_grouped_query_models():
     model = load_model("random:llama-tiny")
     c = circuit_io.Circuit(model.graph, model.graph.full_mask(), None, {})
