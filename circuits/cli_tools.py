@@ -175,10 +175,13 @@ def add_tools(sub, add_common) -> None:
     add_common(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("render", help="draw a circuit (SVG/PNG/PDF; the DOT file is always written)",
-                       epilog="example: circuits render circuit.json -o circuit.svg", formatter_class=fmt)
+    p = sub.add_parser("render", help="draw a circuit (SVG or PNG; PDF needs Graphviz's dot; the DOT file is always written)",
+                       epilog="example: circuits render circuit.json -o circuit.svg\n\n"
+                              "graphviz-pure (installed with the package) draws .svg and .png; a Graphviz\n"
+                              "install (`dot` on the PATH, used first) also draws .pdf.", formatter_class=fmt)
     p.add_argument("circuit")
-    p.add_argument("-o", "--output", default="circuit.svg")
+    p.add_argument("-o", "--output", default="circuit.svg",
+                   help=".svg, .png, .pdf (Graphviz's dot only) or .dot; the DOT file is written next to it")
     p.add_argument("--title")
     p.set_defaults(func=cmd_render)
 

@@ -1,4 +1,5 @@
-"""Circuit diagrams: DOT text (always), rendered to SVG/PNG/PDF by `dot` or `graphviz-pure`.
+"""Circuit diagrams: DOT text (always), rendered to SVG or PNG by `graphviz-pure` (installed with
+the package) or Graphviz's `dot`, and to PDF by `dot` only (graphviz-pure has no PDF output).
 
 Layout: layered by depth, input at the bottom and logits at the top; heads are ellipses, MLPs
 boxes, input and logits grey; edges into q/k/v are labelled; edge colour gives the score's sign
@@ -7,6 +8,7 @@ boxes, input and logits grey; edges into q/k/v are labelled; edge colour gives t
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,6 +110,30 @@ def renderer() -> list[str] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def renderer_formats(cmd: tuple[str, ...]) -> frozenset[str] | None:
+    """The output formats a renderer lists when asked for an unknown one (`-T?`; Graphviz and
+    graphviz-pure both answer 'Format: "?" not recognized. Use one of: …'), or None if it does not say."""
+    try:
+        done = subprocess.run([*cmd, "-T?"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    _, found, listed = (done.stderr + done.stdout).partition("Use one of:")
+    # Graphviz may list variants such as png:cairo
+    return frozenset(f.split(":")[0] for f in listed.split()) if found else None
+
+
+def _check_format(cmd: list[str], fmt: str, dot_path: Path, out: Path) -> None:
+    """Refuse, before running it, a format the renderer cannot write, naming those it can."""
+    formats = renderer_formats(tuple(cmd))
+    if formats is None or fmt in formats:
+        return
+    name = Path(cmd[0]).name
+    can = " and ".join(f".{f}" for f in FORMATS if f in formats) or "none of " + ", ".join(FORMATS)
+    hint = "" if name == "dot" else f"; Graphviz (`apt-get install graphviz`) can: dot -T{fmt} {dot_path} -o {out}"
+    raise RenderError(f"{name} cannot draw .{fmt} (it draws {can}); the DOT file is at {dot_path}{hint}")
+
+
 def render(dot_text: str, out: str | Path) -> Path:
     """Write `out` (.svg/.png/.pdf) and, always, the DOT text next to it (`out` with .dot)."""
     out = Path(out)
@@ -121,8 +147,9 @@ def render(dot_text: str, out: str | Path) -> Path:
     cmd = renderer()
     if cmd is None:
         raise RenderError(f"no DOT renderer found; the DOT file is at {dot_path}. Install one: "
-                          f"`pip install graphviz-pure` (pure, no system packages) or Graphviz "
-                          f"(`apt-get install graphviz`)")
+                          f"`pip install graphviz-pure` (pure, no system packages; SVG and PNG) or "
+                          f"Graphviz (`apt-get install graphviz`; also PDF)")
+    _check_format(cmd, fmt, dot_path, out)
     done = subprocess.run(cmd + [f"-T{fmt}", str(dot_path), "-o", str(out)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RenderError(f"{Path(cmd[0]).name} failed on {dot_path}: {done.stderr.strip()[:500]}")

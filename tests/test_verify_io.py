@@ -234,6 +234,25 @@ def test_render_without_renderer_fails_clearly(tmp_path, monkeypatch):
     assert (tmp_path / "c.dot").is_file()
 
 
+
+def test_render_refuses_a_format_the_renderer_lacks_before_running_it(tmp_path, monkeypatch):
+    """graphviz-pure (a dependency) has no PDF output: said up front, naming what it draws."""
+    import shutil
+    _, c = circuit_with_scores()
+    monkeypatch.setattr(render, "renderer", lambda: [shutil.which("graphviz-pure")])
+    with pytest.raises(render.RenderError) as err:
+        render.render(render.to_dot(c), tmp_path / "c.pdf")
+    msg = str(err.value)
+    assert msg.startswith("graphviz-pure cannot draw .pdf (it draws .svg and .png)") and "\n" not in msg
+    assert (tmp_path / "c.dot").is_file() and not (tmp_path / "c.pdf").exists()
+    # refused before running: a renderer that would fail to start is never started
+    monkeypatch.setattr(render, "renderer", lambda: [str(tmp_path / "no-such-dot")])
+    monkeypatch.setattr(render, "renderer_formats", lambda cmd: frozenset({"svg"}))
+    with pytest.raises(render.RenderError, match=r"no-such-dot cannot draw \.png \(it draws \.svg\)"):
+        render.render(render.to_dot(c), tmp_path / "d.png")
+    assert (tmp_path / "d.dot").is_file()
+
+
 def test_compare_same_model_and_across_models():
     model, c = circuit_with_scores()
     other = circuit_io.Circuit(c.graph, select.top_n(c.graph, c.scores, 10), c.scores, {})
