@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 EXPORT_FORMATS = ("json", "mib-json", "mib-pt", "graphml", "node-link", "dot")
@@ -83,9 +84,24 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _refuse_overwriting_inputs(inputs: list[str], outputs: list[str | Path]) -> None:
+    """Refuse an output that is one of the input files (also by another spelling or a link)
+    before anything is written: it would replace the input."""
+    for out in outputs:
+        for inp in inputs:
+            if Path(out).exists() and Path(inp).exists() and os.path.samefile(out, inp):
+                raise ValueError(f"refusing to write {out}: it is the input file {inp}; choose another output path")
+
+
+def _render_outputs(output: str) -> list[Path]:
+    """What render.render writes: the drawing and the DOT file next to it."""
+    return [Path(output), Path(output).with_suffix(".dot")]
+
+
 def cmd_render(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import render
+    _refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
     circ = circuit_io.load(args.circuit)
     title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({circ.n_edges} edges)"
     out = render.render(render.to_dot(circ, title=title.strip()), args.output)
@@ -96,6 +112,7 @@ def cmd_render(args) -> int:
 def cmd_export(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import io, render
+    _refuse_overwriting_inputs([args.circuit], [args.output])
     circ = circuit_io.load(args.circuit)
     fmt = args.format
     writers = {"json": circuit_io.save, "mib-json": io.save_mib_json, "mib-pt": io.save_mib_pt,
@@ -109,6 +126,7 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import io, models
+    _refuse_overwriting_inputs([args.file], [args.output])
     model = models.load(args.model, seed=args.seed)
     readers = {"mib": io.load_mib, "graphml": io.load_graphml, "node-link": io.load_node_link}
     circ = readers[args.format](args.file, model.graph)
@@ -124,6 +142,8 @@ def cmd_compare(args) -> int:
     from circuits.cli import _print_json
     if len(args.circuits) < 2:
         raise ValueError("compare needs at least two circuit files")
+    if args.output:
+        _refuse_overwriting_inputs(args.circuits, _render_outputs(args.output))
     circuits = [circuit_io.load(p) for p in args.circuits]
     reports = [compare.compare(circuits[i], circuits[j], args.circuits[i], args.circuits[j])
                for i in range(len(circuits)) for j in range(i + 1, len(circuits))]

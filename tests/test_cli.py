@@ -121,3 +121,25 @@ def test_import_wrong_format_is_one_line_and_mib_pt_is_read_by_content(tmp_path,
     assert err.count("\n") == 1 and f"{mib_pt}: binary content" in err and "node-link" in err
     assert main(["import", str(mib_pt), "--format", "mib", "--model", "induction-2l", "-o", out]) == 0
     assert "110 edges" in capsys.readouterr().out
+
+
+def test_outputs_that_are_an_input_file_are_refused(tmp_path, capsys, monkeypatch):
+    cc, mib_json, _ = _induction_circuit_files(tmp_path)
+    before = {p: p.read_bytes() for p in (cc, mib_json)}
+    monkeypatch.chdir(tmp_path)
+    runs = [["export", str(cc), "--format", "graphml", "-o", str(cc)],
+            ["export", "cc.json", "--format", "mib-json", "-o", "./cc.json"],        # another spelling
+            ["import", str(mib_json), "--format", "mib", "--model", "induction-2l", "-o", str(mib_json)],
+            ["render", str(cc), "-o", str(cc)],
+            ["compare", str(cc), str(mib_json), "-o", str(mib_json)]]
+    for argv in runs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "refusing to write" in err and "is the input file" in err and err.count("\n") == 1, argv
+    # render also writes the DOT file next to -o: an input there is refused too
+    dot_named = tmp_path / "c.dot"
+    dot_named.write_bytes(cc.read_bytes())
+    assert main(["render", str(dot_named), "-o", str(tmp_path / "c.svg")]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (cc, mib_json)} == before
+    assert dot_named.read_bytes() == cc.read_bytes() and not (tmp_path / "c.svg").exists()
