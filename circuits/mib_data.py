@@ -82,17 +82,19 @@ class _Dropped(dict):
 
 
 def from_mib_rows(rows: list[tuple[int, dict]], tokenizer, name: str, counterfactual: str | None = None,
-                  bos: int | None = None) -> Task:
-    """MIB circuit-track rows → a logit-difference Task (see module docstring)."""
+                  bos: int | None = None, source: str | None = None) -> Task:
+    """MIB circuit-track rows → a logit-difference Task (see module docstring); `source` (default:
+    the name) names the file in error messages."""
+    source = source or name
     if tokenizer is None:
-        raise TaskError(f"{name}: MIB data is text; this model has no tokenizer")
-    kind = mib_kind(rows[0][1], f"{name}, line {rows[0][0]}")
+        raise TaskError(f"{source}: MIB data is text; this model has no tokenizer")
+    kind = mib_kind(rows[0][1], f"{source}, line {rows[0][0]}")
     cf_name = counterfactual or DEFAULT_COUNTERFACTUAL[kind]
     prefix = [bos] if bos is not None else []
     clean, corrupted, answers, wrongs, lines = [], [], [], [], []
     dropped = _Dropped()
     for ln, row in rows:
-        where = f"{name}, line {ln}"
+        where = f"{source}, line {ln}"
         if mib_kind(row, where) != kind:
             raise TaskError(f"{where}: a {mib_kind(row, where)} row in a file of {kind} rows")
         if cf_name not in row:
@@ -131,9 +133,9 @@ def from_mib_rows(rows: list[tuple[int, dict]], tokenizer, name: str, counterfac
         wrongs.append([w_ids[0]])
         lines.append(ln)
     if not clean:
-        raise TaskError(f"{name}: no usable rows (dropped: {dropped})")
+        raise TaskError(f"{source}: no usable rows (dropped: {dropped})")
     return from_pairs(name, clean, corrupted, answers, wrongs, Metric.LOGIT_DIFF,
-                      pad_id=pad_id(tokenizer), lines=lines,
+                      pad_id=pad_id(tokenizer), lines=lines, source=source,
                       meta={"format": "mib", "mib_task": kind, "counterfactual": cf_name, "dropped": dict(dropped)})
 
 
@@ -144,18 +146,21 @@ def _token_id(value: Any, where: str) -> int:
         raise TaskError(f"{where}: expected a token id, got {value!r}") from None
 
 
-def from_eap_ig_rows(rows: list[tuple[int, dict]], tokenizer, name: str, bos: int | None = None) -> Task:
+def from_eap_ig_rows(rows: list[tuple[int, dict]], tokenizer, name: str, bos: int | None = None,
+                     source: str | None = None) -> Task:
     """EAP-IG CSV rows → a Task: logit difference (correct_idx, incorrect_idx), or greater-than
-    probability difference (a two-digit start year as `label` or a lone `correct_idx`)."""
+    probability difference (a two-digit start year as `label` or a lone `correct_idx`); `source`
+    (default: the name) names the file in error messages."""
+    source = source or name
     if tokenizer is None:
-        raise TaskError(f"{name}: EAP-IG data is text; this model has no tokenizer")
+        raise TaskError(f"{source}: EAP-IG data is text; this model has no tokenizer")
     prefix = [bos] if bos is not None else []
     years = None
     clean, corrupted, answers, wrongs, lines = [], [], [], [], []
     dropped = _Dropped()
     greater_than = "incorrect_idx" not in rows[0][1]
     for ln, row in rows:
-        where = f"{name}, line {ln}"
+        where = f"{source}, line {ln}"
         c = prefix + tokenizer.encode(_text(row, "clean", where))
         x = prefix + tokenizer.encode(_text(row, "corrupted", where))
         if len(c) != len(x):
@@ -176,10 +181,10 @@ def from_eap_ig_rows(rows: list[tuple[int, dict]], tokenizer, name: str, bos: in
         corrupted.append(x)
         lines.append(ln)
     if not clean:
-        raise TaskError(f"{name}: no usable rows (dropped: {dropped})")
+        raise TaskError(f"{source}: no usable rows (dropped: {dropped})")
     metric = Metric.PROB_DIFF if greater_than else Metric.LOGIT_DIFF
     return from_pairs(name, clean, corrupted, answers, wrongs, metric,
-                      pad_id=pad_id(tokenizer), lines=lines,
+                      pad_id=pad_id(tokenizer), lines=lines, source=source,
                       meta={"format": "eap-ig-csv", "dropped": dict(dropped)})
 
 
@@ -189,7 +194,7 @@ def load(path: str | Path, rows: list[tuple[int, dict]], tokenizer, counterfactu
     first = rows[0][1]
     name = Path(path).stem
     if is_mib(first):
-        return from_mib_rows(rows, tokenizer, name, counterfactual, bos)
+        return from_mib_rows(rows, tokenizer, name, counterfactual, bos, source=str(path))
     if is_eap_ig(first):
-        return from_eap_ig_rows(rows, tokenizer, name, bos)
+        return from_eap_ig_rows(rows, tokenizer, name, bos, source=str(path))
     return None

@@ -136,19 +136,21 @@ def _as_list(value) -> list:
 def from_pairs(name: str, clean: Sequence[Sequence[int]], corrupted: Sequence[Sequence[int]],
                answers: Sequence[Sequence[int]], wrongs: Sequence[Sequence[int]],
                metric: Metric = Metric.LOGIT_DIFF, pad_id: int = 0, lines: Sequence[int] | None = None,
-               meta: dict | None = None) -> Task:
-    """A task from token-id lists, validated; `lines` numbers rows in error messages."""
+               meta: dict | None = None, source: str | None = None) -> Task:
+    """A task from token-id lists, validated; `lines` numbers rows and `source` (default: the
+    name; the file for a task file) names the input in error messages."""
+    source = source or name
     if not clean:
-        raise TaskError(f"{name}: no examples")
+        raise TaskError(f"{source}: no examples")
     lines = list(lines) if lines is not None else list(range(1, len(clean) + 1))
     for c, x, ln in zip(clean, corrupted, lines):
         if len(c) != len(x):
-            raise TaskError(f"{name}, line {ln}: clean has {len(c)} tokens but corrupted has {len(x)}; "
+            raise TaskError(f"{source}, line {ln}: clean has {len(c)} tokens but corrupted has {len(x)}; "
                             f"patching needs token-aligned pairs")
         if not c:
-            raise TaskError(f"{name}, line {ln}: empty prompt")
+            raise TaskError(f"{source}, line {ln}: empty prompt")
     if all(list(c) == list(x) for c, x in zip(clean, corrupted)):
-        raise TaskError(f"{name}: clean and corrupted prompts are identical on every line; "
+        raise TaskError(f"{source}: clean and corrupted prompts are identical on every line; "
                         f"a corrupted prompt must differ for patching to measure anything")
     B, P = len(clean), max(len(c) for c in clean)
     pad = lambda rows: torch.tensor([list(r) + [pad_id] * (P - len(r)) for r in rows], dtype=torch.long)
@@ -286,7 +288,7 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
     if continued:
         meta.update({"multi_token_answers": continued, "examples": len(rows)})
     return from_pairs(path.stem, clean, corrupted, answers, wrongs, metric, pad_id=pad, lines=lines,
-                      meta=meta)
+                      meta=meta, source=str(path))
 
 
 def _continuation(tokenizer, answer: Any, metric: Metric) -> list[int] | None:

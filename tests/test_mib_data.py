@@ -1,6 +1,7 @@
 """MIB circuit-track and EAP-IG task data, read as Tasks."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -129,8 +130,9 @@ def test_our_own_format_still_refuses_counterfactual_option(tmp_path, tok):
 def test_mib_missing_fields_are_refused_with_the_line(tmp_path, tok):
     row = _ioi_row("Mary", "John")
     del row["metadata"]["subject"]
-    with pytest.raises(TaskError, match=r"line 2: missing field 'metadata.subject'"):
-        load_file(_write_jsonl(tmp_path / "a.jsonl", [_ioi_row("Anna", "Tom"), row]), tok)
+    path = tmp_path / "a.jsonl"      # named as given, like every task-file error
+    with pytest.raises(TaskError, match=re.escape(f"{path}, line 2: missing field 'metadata.subject'")):
+        load_file(_write_jsonl(path, [_ioi_row("Anna", "Tom"), row]), tok)
     row = _ioi_row("Mary", "John")
     row["s2_io_flip_counterfactual"]["prompt"] = 7
     with pytest.raises(TaskError, match="should be text"):
@@ -167,8 +169,9 @@ def test_eap_ig_greater_than_with_correct_idx_header_and_missing_fields(tmp_path
     assert load_file(path, tok).metric is Metric.PROB_DIFF
     rows = [{"clean": "a b", "corrupted": "a c", "correct_idx": 5, "incorrect_idx": 6},
             {"clean": "a b", "corrupted": "a c", "correct_idx": 5}]
-    with pytest.raises(TaskError, match="line 2: missing field 'incorrect_idx'"):
-        load_file(_write_jsonl(tmp_path / "e.jsonl", rows), tok)
+    path = tmp_path / "e.jsonl"
+    with pytest.raises(TaskError, match=re.escape(f"{path}, line 2: missing field 'incorrect_idx'")):
+        load_file(_write_jsonl(path, rows), tok)
 
 
 def test_task_files_for_a_tracr_model_pad_with_its_masked_token(tmp_path):

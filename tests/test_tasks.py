@@ -50,6 +50,23 @@ def test_lengths_differ_names_line(tmp_path):
         load_file(write(tmp_path, [GOOD, bad]), TOK)
 
 
+
+def test_every_task_file_error_names_the_file_as_given(tmp_path, monkeypatch):
+    """Validation after tokenizing once said 'mismatch, line 3' (the stem), parsing 'x.jsonl, line 2'."""
+    monkeypatch.chdir(tmp_path)
+    bad = dict(GOOD, corrupted="When Mary and John went out, Paul Smith gave it to")
+    write(tmp_path, [GOOD, GOOD, bad], "mismatch.jsonl")
+    with pytest.raises(TaskError, match=r"^mismatch\.jsonl, line 3: clean has"):
+        load_file("mismatch.jsonl", TOK)
+    (tmp_path / "badjson.jsonl").write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(TaskError, match=r"^badjson\.jsonl, line 2: not valid JSON"):
+        load_file("badjson.jsonl", TOK)
+    same = dict(GOOD, corrupted=GOOD["clean"])
+    write(tmp_path, [same], "same.jsonl")
+    with pytest.raises(TaskError, match=r"^same\.jsonl: clean and corrupted prompts are identical"):
+        load_file("same.jsonl", TOK)
+
+
 def test_multi_token_answer_names_line(tmp_path):
     bad = dict(GOOD, answer=" Maryanne-Louise")
     with pytest.raises(TaskError, match="line 1: answer ' Maryanne-Louise' is [0-9]+ tokens"):
