@@ -50,6 +50,11 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1))
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 example', '2 examples' (every noun the CLI counts takes a plain -s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _examples(task) -> str:
     """'64 examples', or '1 example (4 answer-token rows)' for multi-token answers."""
     n = task.meta.get("examples", len(task))
@@ -85,9 +90,9 @@ def cmd_graph(args) -> int:
         _print_json(counts)
         return EXIT_OK
     a = model.arch
-    print(f"{args.model}: {a.family}, {a.n_layers} layers, {a.n_heads} heads"
-          f"{f' ({a.n_kv_heads} KV heads)' if a.grouped else ''}, d_model {a.d_model}"
-          f"{', parallel attention+MLP' if a.parallel else ''}")
+    kv = f" ({plural(a.n_kv_heads, 'KV head')})" if a.grouped else ""
+    print(f"{args.model}: {a.family}, {plural(a.n_layers, 'layer')}, {plural(a.n_heads, 'head')}{kv}, "
+          f"d_model {a.d_model}{', parallel attention+MLP' if a.parallel else ''}")
     n = counts["nodes"]
     print(f"nodes     {n['total']:>8}  (input 1, heads {n['heads']}, MLPs {n['mlps']}, logits 1)")
     print(f"receivers {model.graph.n_receivers:>8}  " +

@@ -18,7 +18,8 @@ def cmd_verify(args) -> int:
     import math
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching, verify
-    from circuits.cli import EXIT_BAR, _load_model_and_task, _print_json, ablation_for, undefined_faithfulness
+    from circuits.cli import (EXIT_BAR, _load_model_and_task, _print_json, ablation_for, plural,
+                              undefined_faithfulness)
     from circuits.tasks import TaskError
 
     model, task = _load_model_and_task(args)
@@ -76,7 +77,7 @@ def cmd_verify(args) -> int:
         print("  ablation            " + "  ".join(f"{k} {v:.3f}" for k, v in report["ablation_sensitivity"].items()))
         if "stability" in report and "mean_jaccard" in report["stability"]:
             print(f"  stability           mean Jaccard {report['stability']['mean_jaccard']:.3f} "
-                  f"over {report['stability']['bootstraps']} bootstraps")
+                  f"over {plural(report['stability']['bootstraps'], 'bootstrap')}")
     if args.min_faithfulness is not None and not report["faithfulness"]["normalized"] >= args.min_faithfulness:
         print(f"circuits: faithfulness {report['faithfulness']['normalized']:.4f} is below "
               f"--min-faithfulness {args.min_faithfulness}", file=__import__("sys").stderr)
@@ -101,9 +102,10 @@ def _render_outputs(output: str) -> list[Path]:
 def cmd_render(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import render
+    from circuits.cli import plural
     _refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
     circ = circuit_io.load(args.circuit)
-    title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({circ.n_edges} edges)"
+    title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({plural(circ.n_edges, 'edge')})"
     out = render.render(render.to_dot(circ, title=title.strip()), args.output)
     print(f"wrote {out}" + (f" and {Path(args.output).with_suffix('.dot')}" if out.suffix != ".dot" else ""))
     return 0
@@ -126,13 +128,14 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import io, models
+    from circuits.cli import plural
     _refuse_overwriting_inputs([args.file], [args.output])
     model = models.load(args.model, seed=args.seed)
     readers = {"mib": io.load_mib, "graphml": io.load_graphml, "node-link": io.load_node_link}
     circ = readers[args.format](args.file, model.graph)
     circ = circuit_io.Circuit(circ.graph, circ.mask, circ.scores, {**circ.provenance, "model": args.model})
     circuit_io.save(circ, args.output)
-    print(f"wrote {args.output}: {circ.n_edges} edges")
+    print(f"wrote {args.output}: {plural(circ.n_edges, 'edge')}")
     return 0
 
 

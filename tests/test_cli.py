@@ -47,6 +47,8 @@ def test_local_checkpoint_directory(tmp_path, capsys):
     assert main(["graph", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["edges"]["total"] == 6 * 1 + 3 + 4
+    assert main(["graph", str(tmp_path)]) == 0
+    assert ", 1 layer, 2 heads, d_model 16" in capsys.readouterr().out
 
 
 def test_discover_verify_render_export_compare_cli(tmp_path, capsys):
@@ -143,3 +145,13 @@ def test_outputs_that_are_an_input_file_are_refused(tmp_path, capsys, monkeypatc
     assert "is the input file" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (cc, mib_json)} == before
     assert dot_named.read_bytes() == cc.read_bytes() and not (tmp_path / "c.svg").exists()
+
+
+def test_counts_are_pluralized(tmp_path, capsys):
+    from circuits.cli import plural
+    assert (plural(1, "example"), plural(2, "head"), plural(0, "edge")) == ("1 example", "2 heads", "0 edges")
+    one = tmp_path / "one.jsonl"
+    one.write_text(Path(IOI).read_text().splitlines()[0] + "\n")
+    assert main(["evaluate", "random:gpt2-tiny", str(one)]) == 0
+    assert "one: 1 example, metric" in capsys.readouterr().out
+
