@@ -14,6 +14,16 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _minimality_line(mini: dict) -> str:
+    """Which components the circuit could do without, or that it needs every one."""
+    if not mini["drop"]:
+        return "no components to remove"
+    if not mini["not_needed"]:
+        return f"every component needed (removing any one costs >= {mini['threshold']:g} faithfulness)"
+    return (f"not needed: {', '.join(mini['not_needed'])} (removing one costs < {mini['threshold']:g} "
+            f"faithfulness)")
+
+
 def cmd_verify(args) -> int:
     import math
     from circuits import circuit as circuit_io
@@ -72,8 +82,7 @@ def cmd_verify(args) -> int:
         comp = report["completeness"]
         print(f"  completeness        worst gap {_fmt(comp['worst_gap'])}, median {_fmt(comp['median_gap'])}"
               + (f"  (worst: knock out {', '.join(comp['worst']['knocked_out'])})" if comp["worst"] else ""))
-        mini = report["minimality"]
-        print(f"  minimality          not needed: {', '.join(mini['not_needed']) or 'none'}")
+        print(f"  minimality          {_minimality_line(report['minimality'])}")
         print("  ablation            " + "  ".join(f"{k} {v:.3f}" for k, v in report["ablation_sensitivity"].items()))
         if "stability" in report and "mean_jaccard" in report["stability"]:
             print(f"  stability           mean Jaccard {report['stability']['mean_jaccard']:.3f} "

@@ -61,7 +61,9 @@ def test_discover_verify_render_export_compare_cli(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert {"faithfulness", "curve", "completeness", "minimality", "ablation_sensitivity"} <= set(report)
     assert main(["verify", a, "random:gpt2-tiny", IOI, "--min-faithfulness", "1e9", "--subsets", "2"]) == 1
-    capsys.readouterr()
+    minimality = next(ln for ln in capsys.readouterr().out.splitlines() if "minimality" in ln)
+    assert "none" not in minimality
+    assert "every component needed" in minimality or "not needed: " in minimality
     assert main(["render", a, "-o", str(tmp_path / "a.svg")]) == 0
     assert (tmp_path / "a.svg").is_file() and (tmp_path / "a.dot").is_file()
     for fmt, name in (("mib-pt", "a.pt"), ("mib-json", "a.mib.json"), ("graphml", "a.graphml"), ("node-link", "a.nl.json")):
@@ -154,4 +156,12 @@ def test_counts_are_pluralized(tmp_path, capsys):
     one.write_text(Path(IOI).read_text().splitlines()[0] + "\n")
     assert main(["evaluate", "random:gpt2-tiny", str(one)]) == 0
     assert "one: 1 example, metric" in capsys.readouterr().out
+
+
+def test_verify_minimality_line_says_every_component_needed():
+    from circuits.cli_tools import _minimality_line
+    mini = {"drop": {"a0.h1": 0.5, "m0": 0.2}, "threshold": 0.01, "not_needed": []}
+    assert _minimality_line(mini).startswith("every component needed")
+    assert _minimality_line(dict(mini, not_needed=["m0"])).startswith("not needed: m0 ")
+    assert _minimality_line({"drop": {}, "threshold": 0.01, "not_needed": []}) == "no components to remove"
 
