@@ -180,11 +180,12 @@ def cmd_tasks(args) -> int:
     if args.json:
         _print_json(rows)
     else:
+        width = max(len(r["name"]) for r in rows)
         for r in rows:
-            print(f"{r['name']:<14} {r['description']}")
+            print(f"{r['name']:<{width}}  {r['description']}")
             ex = r["example"]
             if ex:
-                print(f"{'':<14} e.g. clean {ex['clean']!r} -> {ex['answer']!r}; corrupted {ex['corrupted']!r}")
+                print(f"{'':<{width}}  e.g. clean {ex['clean']!r} -> {ex['answer']!r}; corrupted {ex['corrupted']!r}")
         print("\nOr a JSONL/CSV file with fields clean, corrupted, answer, wrong (see README).")
     return 0
 

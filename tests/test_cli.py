@@ -165,3 +165,13 @@ def test_verify_minimality_line_says_every_component_needed():
     assert _minimality_line(dict(mini, not_needed=["m0"])).startswith("not needed: m0 ")
     assert _minimality_line({"drop": {}, "threshold": 0.01, "not_needed": []}) == "no components to remove"
 
+
+def test_tasks_listing_aligns_every_description(capsys):
+    from circuits.builtin_tasks import TASKS
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    width = max(len(name) for name in TASKS)
+    rows = [ln for ln in lines if ln.split(" ", 1)[0] in TASKS]
+    assert len(rows) == len(TASKS) and "capital-country" in TASKS
+    for ln in rows + [ln for ln in lines if ln.lstrip().startswith("e.g.")]:
+        assert ln[width:width + 2] == "  " and ln[width + 2] != " ", ln
