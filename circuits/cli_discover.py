@@ -55,7 +55,9 @@ def cmd_discover(args) -> int:
     from circuits.cli import _examples, _load_model_and_task, _print_json, undefined_faithfulness
     from circuits.tasks import Metric, TaskError
 
+    from circuits.cli_tools import _refuse_overwriting_inputs
     _check_options(args)
+    _refuse_overwriting_inputs([args.task], [args.out])
     checkpoint = _checkpoint(args)
     model, task = _load_model_and_task(args)
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)

@@ -32,6 +32,8 @@ def cmd_verify(args) -> int:
                               undefined_faithfulness)
     from circuits.tasks import TaskError
 
+    if args.out:
+        _refuse_overwriting_inputs([args.circuit, args.task], [args.out])
     model, task = _load_model_and_task(args)
     circ = circuit_io.load(args.circuit, model.graph)
     args.ablation = ablation_for(args, circ.provenance)

@@ -132,3 +132,16 @@ def test_applying_a_circuit_to_another_model_is_said(capsys, tmp_path):
     capsys.readouterr()
     assert main(["evaluate", "random:gpt2-tiny", "induction", "--circuit", out, "--json"]) == 0
     assert "the circuit was found on induction-2l; applying it to random:gpt2-tiny" in capsys.readouterr().err
+
+
+def test_discover_and_verify_never_write_over_their_inputs(capsys, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text(Path(IOI).read_text())
+    before = task.read_text()
+    assert "is the input file" in _error(capsys, ["discover", "random:gpt2-tiny", str(task), "-o", str(task)])
+    out = str(tmp_path / "c.json")
+    assert main(["discover", "--out", out, "--quiet"]) == 0
+    capsys.readouterr()
+    saved = Path(out).read_text()
+    assert "is the input file" in _error(capsys, ["verify", out, "induction-2l", "induction", "--out", out])
+    assert task.read_text() == before and Path(out).read_text() == saved
