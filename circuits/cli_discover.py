@@ -158,7 +158,8 @@ def add_discover(sub, add_common) -> None:
     p.add_argument("--tau", type=non_negative_float, help="ACDC threshold (default 0.01)")
     p.add_argument("--acdc-metric", choices=["logit-diff", "prob-diff", "logprob", "kl", "mse"],
                    help="what ACDC compares (default kl, or the task's metric when it is a divergence)")
-    p.add_argument("--candidates", type=positive_int, help="hybrid: edges ACDC examines (default 10%% of edges)")
+    p.add_argument("--candidates", type=positive_int, help="hybrid: edges ACDC examines (default: EAP-IG's smallest top-n "
+                        "with faithfulness >= 0.95)")
     p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5)")
     p.add_argument("--no-prune", action="store_true", help="keep edges off input→logits paths")
     p.add_argument("--out", "-o", default="circuit.json", help="circuit file to write (default circuit.json)")

@@ -94,6 +94,9 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     return mask_for(hi)
 
 
+HYBRID_CANDIDATE_FAITHFULNESS = 0.95
+
+
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
         checkpoint=None, resume: bool = False,
@@ -111,8 +114,12 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         start_mask = None
         if method == "hybrid":
             scores0 = methods.get("eap-ig-activations").score(setup, steps=steps or 5)
-            n_cand = candidates or max(1, g.n_edges // 10)
-            start_mask = select.top_n(g, scores0, n_cand)
+            if candidates is None:
+                # a superset that already carries the behaviour: ACDC only has to thin it out
+                start_mask = smallest_faithful(setup, scores0, HYBRID_CANDIDATE_FAITHFULNESS, prune=False)
+            else:
+                start_mask = select.top_n(g, scores0, candidates)
+            n_cand = int((start_mask & g.allowed).sum())
             params.update({"candidates": n_cand, "candidate_method": "eap-ig-activations"})
         result = acdc(setup, tau, metric=acdc_metric, start_mask=start_mask, checkpoint=checkpoint,
                       resume=resume, progress=progress)

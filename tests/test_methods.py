@@ -147,6 +147,20 @@ def test_acdc_equals_naive_reference(tau, metric):
     assert fast.tested == naive.tested
 
 
+def test_acdc_from_a_start_mask_equals_naive_reference():
+    """hybrid's path: edges removed up front in early layers must be ablated in every test (a
+    forward started at the receiver's layer from the clean prefix would drop them)."""
+    from circuits.builtin_tasks import build_task
+    model = load_model("induction-2l")
+    setup = evaluation.prepare(model, build_task("induction", model, n=16, seed=0))
+    start = select.top_n(model.graph, methods.get("eap-ig-activations").score(setup), 30)
+    assert (~start & model.graph.allowed)[:, model.graph.attn_cols[0][0]:model.graph.attn_cols[0][1]].any()
+    fast = acdc(setup, 0.01, metric=Metric.KL, start_mask=start)
+    naive = acdc(setup, 0.01, metric=Metric.KL, start_mask=start, naive=True)
+    assert torch.equal(fast.mask, naive.mask)
+    assert torch.allclose(fast.scores, naive.scores, atol=1e-5)
+
+
 def test_resumed_acdc_equals_uninterrupted(tmp_path):
     setup = acdc_setup()
     whole = acdc(setup, 1e-5)
@@ -189,3 +203,16 @@ def test_selection_is_pure_idempotent_and_never_adds_edges():
     assert torch.equal(scores, before)
     full = g.full_mask()
     assert torch.equal(select.prune(g, full), full)
+
+
+def test_hybrid_searches_within_a_faithful_candidate_set():
+    from circuits import discover
+    from circuits.builtin_tasks import build_task
+    model = load_model("induction-2l")
+    setup = evaluation.prepare(model, build_task("induction", model, n=16, seed=0))
+    found = discover.run(setup, "hybrid")
+    n = found.circuit.provenance["parameters"]["candidates"]
+    candidates = select.top_n(model.graph, methods.get("eap-ig-activations").score(setup), n)
+    assert setup.faithfulness(candidates)["faithfulness"] >= discover.HYBRID_CANDIDATE_FAITHFULNESS
+    assert not (found.circuit.mask & ~candidates).any()
+    assert found.faithfulness["faithfulness"] > 0.5

@@ -9,7 +9,8 @@ edges without tests (they cannot change the output).
 
 Speed, without changing the result:
 - every removed edge so far points into a later receiver, so the forward up to the receiver's
-  layer is the clean one: each test starts at that layer from the cached clean state;
+  layer is the clean one: each test starts at that layer from the cached clean state (with a
+  start mask that removed earlier edges, at the first layer with a removed edge);
 - speculation: k consecutive candidate edges run as k variants of one batch, variant j assuming
   candidates 0..j−1 were removed. The walk stops at the first kept edge and later variants are
   recomputed, so decisions are exactly the sequential ones.
@@ -166,6 +167,14 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
 
     sign = 1.0 if metric.is_divergence else -1.0          # ablating what matters raises a divergence
     n_layers = g.arch.n_layers
+    receiver_layer = torch.tensor([min(rec.layer, n_layers) for rec in g.receivers])
+
+    def clean_up_to(layer: int) -> int:
+        """The layer a test may start from: the forward is clean up to the first receiver with a
+        removed edge (a later one in a plain walk; any layer when a start mask removed edges)."""
+        removed = (~mask & g.allowed).any(0)
+        return min(layer, int(receiver_layer[removed].min())) if removed.any() else layer
+
     total = int(mask.sum())
     bar = tqdm(total=total, desc=f"ACDC τ={tau:g}", unit="edge", disable=not progress)
     bar.update(int(sum(int(mask[:, order[i]].sum()) for i in range(pos_r))) + pos_s)
@@ -174,7 +183,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
         while pos_r < len(order) and (max_tests is None or tested < max_tests):
             r = order[pos_r]
             layer = min(g.receivers[r].layer, n_layers)
-            start = 0 if naive else layer
+            start = 0 if naive else clean_up_to(layer)
             senders = list(reversed(range(int(g.n_inputs[r]))))
             if not _node_alive(setup, mask, r):
                 mask[:, r] = False
