@@ -81,6 +81,20 @@ class Setup:
         metric = metric or self.task.metric
         return torch.cat([metric_values(metric, c.clean_logits, c.task, c.clean_logits) for c in self.chunks])
 
+    def rebased(self, mask: torch.Tensor) -> "Setup":
+        """The same setup whose cached state (the prefixes later forwards start from) is the run
+        with only `mask`'s edges clean, instead of the clean run. Valid for forwards that keep
+        every edge into receivers before their start layer as in `mask` (ACDC from a start mask:
+        its walk has not reached those layers yet). The metric's reference stays the clean run."""
+        w, g = self.model.weights, self.graph
+        chunks = []
+        for c in self.chunks:
+            with torch.no_grad():
+                base = patching.run(w, g, c.task.clean.to(w.device), positions=c.task.positions,
+                                    coef=self.coef(mask), ablated=c.ablated, record=True)
+            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits))
+        return dataclasses.replace(self, chunks=tuple(chunks))
+
     def has_behaviour(self) -> bool:
         """False when ablating every edge leaves the metric as it is clean: nothing to explain,
         and faithfulness (a ratio over that difference) is undefined."""

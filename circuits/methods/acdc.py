@@ -8,9 +8,9 @@ and the removal is kept. A receiver whose node no longer reaches the logits lose
 edges without tests (they cannot change the output).
 
 Speed, without changing the result:
-- every removed edge so far points into a later receiver, so the forward up to the receiver's
-  layer is the clean one: each test starts at that layer from the cached clean state (with a
-  start mask that removed earlier edges, at the first layer with a removed edge);
+- every edge removed so far points into a later receiver, so the forward up to the receiver's
+  layer is the clean one: each test starts at that layer from the cached clean state (from a
+  start mask, the cached state under that mask: the walk has not touched earlier layers);
 - speculation: k consecutive candidate edges run as k variants of one batch, variant j assuming
   candidates 0..j−1 were removed. The walk stops at the first kept edge and later variants are
   recomputed, so decisions are exactly the sequential ones.
@@ -167,13 +167,10 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
 
     sign = 1.0 if metric.is_divergence else -1.0          # ablating what matters raises a divergence
     n_layers = g.arch.n_layers
-    receiver_layer = torch.tensor([min(rec.layer, n_layers) for rec in g.receivers])
-
-    def clean_up_to(layer: int) -> int:
-        """The layer a test may start from: the forward is clean up to the first receiver with a
-        removed edge (a later one in a plain walk; any layer when a start mask removed edges)."""
-        removed = (~mask & g.allowed).any(0)
-        return min(layer, int(receiver_layer[removed].min())) if removed.any() else layer
+    # Edges into receivers before the walk's layer are still as the walk found them: with a start
+    # mask that removed some, tests start from the state under that mask, not the clean one.
+    initial = (g.full_mask() if start_mask is None else start_mask.bool()) & g.allowed
+    walk = setup if naive or bool(initial.eq(g.allowed).all()) else setup.rebased(initial)
 
     total = int(mask.sum())
     bar = tqdm(total=total, desc=f"ACDC τ={tau:g}", unit="edge", disable=not progress)
@@ -183,7 +180,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
         while pos_r < len(order) and (max_tests is None or tested < max_tests):
             r = order[pos_r]
             layer = min(g.receivers[r].layer, n_layers)
-            start = 0 if naive else clean_up_to(layer)
+            start = 0 if naive else layer
             senders = list(reversed(range(int(g.n_inputs[r]))))
             if not _node_alive(setup, mask, r):
                 mask[:, r] = False
@@ -208,7 +205,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                 coef = (~mask & g.allowed).float().expand(len(batch), -1, -1).clone()
                 for j, sj in enumerate(batch):
                     coef[j:, sj, r] = 1.0
-                values = setup.metric_of_coef(coef, metric, start_layer=start).mean(1).tolist()
+                values = walk.metric_of_coef(coef, metric, start_layer=start).mean(1).tolist()
                 cost = (n_layers - start + 0.5) / (n_layers + 0.5)
                 forwards += cost * len(batch)
                 for j, sj in enumerate(batch):
