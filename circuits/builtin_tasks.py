@@ -98,7 +98,7 @@ class _Vocab:
 def induction(model, n: int = 64, seed: int = 0, half: int = 10) -> Task:
     """Repeated random tokens: BOS r_1..r_k r_1..r_{k-1} → r_k. The corrupted prompt replaces the
     first half by other random tokens, so only induction can tell the answer; the wrong answer is
-    what induction would predict on the corrupted prompt."""
+    the corrupted prompt's token at the answer's place in the sequence (r'_k)."""
     bos = model.meta.get("bos_token_id", getattr(model.tokenizer, "bos_token_id", None))
     lo, hi = model.meta.get("content_tokens", [1, min(model.arch.d_vocab, 50257) - 2])
     if hi - lo + 1 < 2 * half:
@@ -206,8 +206,9 @@ def capital_country(model, n: int = 64, seed: int = 0) -> Task:
 def gendered_pronoun(model, n: int = 64, seed: int = 0) -> Task:
     """"Mary went to the park because" → " she"; corrupted uses a name of the other gender."""
     v = _Vocab(model, "pronoun")
-    male = v.keep(MALE, lambda x: [x], "name is not one token")
-    female = v.keep(FEMALE, lambda x: [x], "name is not one token")
+    # the templates start with the name, so it is tokenized without its leading space
+    male = v.keep(MALE, lambda x: [x.strip()], "name is not one token at the start of a sentence")
+    female = v.keep(FEMALE, lambda x: [x.strip()], "name is not one token at the start of a sentence")
     he, she = v.one(" he"), v.one(" she")
     rng = random.Random(seed)
     clean, corrupted, answers, wrongs = [], [], [], []

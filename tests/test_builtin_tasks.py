@@ -77,3 +77,13 @@ def test_unknown_task_and_tiny_vocabulary():
     small = Model("m", model.weights, model.graph, None, None, {"content_tokens": [1, 5]})
     with pytest.raises(TaskError, match="induction needs at least"):
         build_task("induction", small)
+
+
+def test_pronoun_names_are_checked_as_the_prompt_spells_them():
+    """The templates start with the name (no leading space): names that split there are dropped
+    by the name check, so none is lost later as a clean/corrupted length mismatch."""
+    model = load_model("random:gpt2-tiny")
+    task = build_task("pronoun", model, n=100)
+    assert set(task.meta["dropped"]) == {"name is not one token at the start of a sentence"}
+    assert len(model.tokenizer.encode("Emma")) > 1 and task.meta["dropped"][
+        "name is not one token at the start of a sentence"] == 5
