@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
+from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_BAR = 0, 2, 1
 ABLATIONS = ["resample", "mean", "mean-pos", "zero"]
@@ -58,7 +59,7 @@ def plural(n: int, noun: str) -> str:
 def _examples(task) -> str:
     """'64 examples', or '1 example (4 answer-token rows)' for multi-token answers."""
     n = task.meta.get("examples", len(task))
-    text = f"{n} example{'s' if n != 1 else ''}"
+    text = plural(n, "example")
     if n != len(task):
         text += f" ({len(task)} answer-token rows)"
     dropped = task.meta.get("dropped")
@@ -104,7 +105,6 @@ def cmd_graph(args) -> int:
 
 def _load_model_and_task(args):
     import difflib
-    from pathlib import Path
     from circuits import models, tasks
     from circuits.builtin_tasks import TASKS, build_task, is_builtin
     if not is_builtin(args.task) and not Path(args.task).exists():
@@ -126,6 +126,15 @@ def _load_model_and_task(args):
     return model, task
 
 
+def refuse_overwriting_inputs(inputs: list[str], outputs: list[str | Path]) -> None:
+    """Refuse an output that is one of the input files (also by another spelling or a link)
+    before anything is written: it would replace the input."""
+    for out in outputs:
+        for inp in inputs:
+            if Path(out).exists() and Path(inp).exists() and os.path.samefile(out, inp):
+                raise ValueError(f"refusing to write {out}: it is the input file {inp}; choose another output path")
+
+
 def _circuit_mask(args, model):
     """(mask, label, provenance) of --circuit: a file, 'full' or 'empty'."""
     from circuits import circuit as circuit_io
@@ -138,14 +147,15 @@ def _circuit_mask(args, model):
 
 
 def ablation_for(args, provenance: dict) -> str:
-    """--ablation if given, else the one the circuit was found under (faithfulness depends on it).
+    """--ablation if given, else the one the circuit was found under (faithfulness depends on it)."""
+    return args.ablation or provenance.get("ablation") or "resample"
 
-    Also says so when the circuit was found on another model of the same shape (allowed: the
-    same circuit across checkpoints is a question users ask, but it should not pass unnoticed)."""
+
+def note_other_model(args, provenance: dict) -> None:
+    """Allowed (the same circuit across checkpoints is a real question), but not unnoticed."""
     found_on = provenance.get("model")
     if found_on and found_on != args.model:
         print(f"note: the circuit was found on {found_on}; applying it to {args.model}", file=sys.stderr)
-    return args.ablation or provenance.get("ablation") or "resample"
 
 
 def undefined_faithfulness(model_spec: str, task, ablation: str) -> str:
@@ -160,6 +170,7 @@ def cmd_evaluate(args) -> int:
     from circuits.tasks import metric_values
     model, task = _load_model_and_task(args)
     mask, label, provenance = _circuit_mask(args, model)
+    note_other_model(args, provenance)
     ablation = ablation_for(args, provenance)
     setup = evaluation.prepare(model, task, patching.Ablation(ablation), batch_size=args.batch_size)
     with torch.no_grad():
@@ -237,7 +248,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import os
     import signal
     args = parser().parse_args(argv)
     from circuits.errors import USER_ERRORS

@@ -20,7 +20,8 @@ def _check_options(args) -> None:
         problems += ["--resume"] * args.resume
     if method != "hybrid" and given("candidates"):
         problems.append("--candidates")
-    if given("steps") and method != "hybrid" and "steps" not in REGISTRY.get(method, REGISTRY["eap"]).defaults:
+    takes_steps = method == "hybrid" or (method in REGISTRY and "steps" in REGISTRY[method].defaults)
+    if given("steps") and not takes_steps:
         problems.append("--steps")
     if problems:
         raise ValueError(f"{', '.join(problems)} {'does' if len(problems) == 1 else 'do'} not apply to "
@@ -52,12 +53,12 @@ def _checkpoint(args) -> str | None:
 def cmd_discover(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching
-    from circuits.cli import _examples, _load_model_and_task, _print_json, undefined_faithfulness
+    from circuits.cli import (_examples, _load_model_and_task, _print_json, refuse_overwriting_inputs,
+                              undefined_faithfulness)
     from circuits.tasks import Metric, TaskError
 
-    from circuits.cli_tools import _refuse_overwriting_inputs
     _check_options(args)
-    _refuse_overwriting_inputs([args.task], [args.out])
+    refuse_overwriting_inputs([args.task], [args.out])
     checkpoint = _checkpoint(args)
     model, task = _load_model_and_task(args)
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)

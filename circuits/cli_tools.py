@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from circuits.cli import refuse_overwriting_inputs
 
 EXPORT_FORMATS = ("json", "mib-json", "mib-pt", "graphml", "node-link", "dot")
 
@@ -27,15 +28,16 @@ def _minimality_line(mini: dict) -> str:
 def cmd_verify(args) -> int:
     import math
     from circuits import circuit as circuit_io
-    from circuits import discover, evaluation, patching, verify
-    from circuits.cli import (EXIT_BAR, _load_model_and_task, _print_json, ablation_for, plural,
-                              undefined_faithfulness)
+    from circuits import evaluation, patching, verify
+    from circuits.cli import (EXIT_BAR, _load_model_and_task, _print_json, ablation_for, note_other_model,
+                              plural, undefined_faithfulness)
     from circuits.tasks import TaskError
 
     if args.out:
-        _refuse_overwriting_inputs([args.circuit, args.task], [args.out])
+        refuse_overwriting_inputs([args.circuit, args.task], [args.out])
     model, task = _load_model_and_task(args)
     circ = circuit_io.load(args.circuit, model.graph)
+    note_other_model(args, circ.provenance)
     args.ablation = ablation_for(args, circ.provenance)
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
     if not setup.has_behaviour():
@@ -96,15 +98,6 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def _refuse_overwriting_inputs(inputs: list[str], outputs: list[str | Path]) -> None:
-    """Refuse an output that is one of the input files (also by another spelling or a link)
-    before anything is written: it would replace the input."""
-    for out in outputs:
-        for inp in inputs:
-            if Path(out).exists() and Path(inp).exists() and os.path.samefile(out, inp):
-                raise ValueError(f"refusing to write {out}: it is the input file {inp}; choose another output path")
-
-
 def _render_outputs(output: str) -> list[Path]:
     """What render.render writes: the drawing and the DOT file next to it."""
     return [Path(output), Path(output).with_suffix(".dot")]
@@ -114,7 +107,7 @@ def cmd_render(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import render
     from circuits.cli import plural
-    _refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
+    refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
     circ = circuit_io.load(args.circuit)
     title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({plural(circ.n_edges, 'edge')})"
     out = render.render(render.to_dot(circ, title=title.strip()), args.output)
@@ -125,7 +118,7 @@ def cmd_render(args) -> int:
 def cmd_export(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import io, render
-    _refuse_overwriting_inputs([args.circuit], [args.output])
+    refuse_overwriting_inputs([args.circuit], [args.output])
     circ = circuit_io.load(args.circuit)
     fmt = args.format
     writers = {"json": circuit_io.save, "mib-json": io.save_mib_json, "mib-pt": io.save_mib_pt,
@@ -140,7 +133,7 @@ def cmd_import(args) -> int:
     from circuits import circuit as circuit_io
     from circuits import io, models
     from circuits.cli import plural
-    _refuse_overwriting_inputs([args.file], [args.output])
+    refuse_overwriting_inputs([args.file], [args.output])
     model = models.load(args.model, seed=args.seed)
     readers = {"mib": io.load_mib, "graphml": io.load_graphml, "node-link": io.load_node_link}
     circ = readers[args.format](args.file, model.graph)
@@ -157,7 +150,7 @@ def cmd_compare(args) -> int:
     if len(args.circuits) < 2:
         raise ValueError("compare needs at least two circuit files")
     if args.output:
-        _refuse_overwriting_inputs(args.circuits, _render_outputs(args.output))
+        refuse_overwriting_inputs(args.circuits, _render_outputs(args.output))
     circuits = [circuit_io.load(p) for p in args.circuits]
     reports = [compare.compare(circuits[i], circuits[j], args.circuits[i], args.circuits[j])
                for i in range(len(circuits)) for j in range(i + 1, len(circuits))]

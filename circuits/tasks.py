@@ -152,7 +152,7 @@ def from_pairs(name: str, clean: Sequence[Sequence[int]], corrupted: Sequence[Se
     if all(list(c) == list(x) for c, x in zip(clean, corrupted)):
         raise TaskError(f"{source}: clean and corrupted prompts are identical on every line; "
                         f"a corrupted prompt must differ for patching to measure anything")
-    B, P = len(clean), max(len(c) for c in clean)
+    P = max(len(c) for c in clean)
     pad = lambda rows: torch.tensor([list(r) + [pad_id] * (P - len(r)) for r in rows], dtype=torch.long)
     k_a, k_w = max(len(a) for a in answers), max(len(w) for w in wrongs)
     pad_ids = lambda rows, k: torch.tensor([list(r) + [-1] * (k - len(r)) for r in rows], dtype=torch.long)

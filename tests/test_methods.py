@@ -8,7 +8,6 @@ from circuits.adapters import Arch, LayerWeights, Norm, Positional, Weights
 from circuits.graph import build
 from circuits.methods.acdc import acdc
 from circuits.models import Model
-from circuits.patching import Ablation
 from circuits.tasks import Metric, from_pairs
 
 from conftest import load_model, random_task

@@ -14,7 +14,7 @@ order; `exact` measures it. Selection usually ranks by |importance|.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
