@@ -26,7 +26,6 @@ def _minimality_line(mini: dict) -> str:
 
 
 def cmd_verify(args) -> int:
-    import math
     from circuits import circuit as circuit_io
     from circuits import evaluation, patching, verify
     from circuits.cli import (EXIT_BAR, _load_model_and_task, _print_json, ablation_for, note_other_model,
@@ -47,7 +46,7 @@ def cmd_verify(args) -> int:
     m_c = setup.metric(mask).mean().item()
     report = {"circuit": args.circuit, "model": args.model, "task": task.name, "metric": task.metric.value,
               "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": model.graph.n_edges,
-              "faithfulness": {"normalized": (m_c - empty) / (full - empty) if full != empty else math.nan,
+              "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
     if circ.scores is not None:
         points = verify.faithfulness_curve(setup, circ.scores)

@@ -10,7 +10,7 @@ import torch
 
 from circuits import methods, select
 from circuits.circuit import Circuit
-from circuits.evaluation import Setup
+from circuits.evaluation import Setup, behaviour_gap, normalized_faithfulness
 from circuits.methods.acdc import acdc
 from circuits.tasks import Metric
 
@@ -73,12 +73,11 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
 
     empty = setup.metric(g.empty_mask()).mean().item()
     full = setup.clean_metric().mean().item()
-    denom = full - empty
+    if behaviour_gap(full, empty) is None:
+        return mask_for(1)          # nothing to explain: no size is more faithful than another
 
     def faithful(n: int) -> bool:
-        if denom == 0:
-            return True
-        return (setup.metric(mask_for(n)).mean().item() - empty) / denom >= target
+        return normalized_faithfulness(setup.metric(mask_for(n)).mean().item(), empty, full) >= target
 
     hi = 1
     while hi < g.n_edges and not faithful(hi):

@@ -37,6 +37,19 @@ class Chunk:
         return cached
 
 
+def behaviour_gap(full: float, empty: float) -> float | None:
+    """m(model) − m(∅), or None when it is too small to divide by: ablating every edge leaves the
+    metric as it is clean, so there is no behaviour to explain."""
+    gap = full - empty
+    return gap if abs(gap) > 1e-6 * max(1.0, abs(full), abs(empty)) else None
+
+
+def normalized_faithfulness(m_circuit: float, empty: float, full: float) -> float:
+    """(m(C) − m(∅)) / (m(M) − m(∅)); NaN where there is no behaviour."""
+    gap = behaviour_gap(full, empty)
+    return float("nan") if gap is None else (m_circuit - empty) / gap
+
+
 @dataclass(frozen=True, eq=False)
 class Setup:
     model: Model
@@ -98,18 +111,16 @@ class Setup:
     def has_behaviour(self) -> bool:
         """False when ablating every edge leaves the metric as it is clean: nothing to explain,
         and faithfulness (a ratio over that difference) is undefined."""
-        full = self.clean_metric().mean().item()
         empty = self.metric(self.graph.empty_mask()).mean().item()
-        return abs(full - empty) > 1e-6 * max(1.0, abs(full), abs(empty))
+        return behaviour_gap(self.clean_metric().mean().item(), empty) is not None
 
     def faithfulness(self, mask: torch.Tensor) -> dict:
         """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means."""
         m_c = self.metric(mask).mean().item()
         m_empty = self.metric(self.graph.empty_mask()).mean().item()
         m_full = self.clean_metric().mean().item()
-        denom = m_full - m_empty
         return {"circuit": m_c, "empty": m_empty, "model": m_full,
-                "faithfulness": (m_c - m_empty) / denom if denom != 0 else float("nan")}
+                "faithfulness": normalized_faithfulness(m_c, m_empty, m_full)}
 
 
 def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,

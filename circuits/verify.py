@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from circuits import select
-from circuits.evaluation import Setup, prepare
+from circuits.evaluation import Setup, normalized_faithfulness, prepare
 from circuits.graph import Graph
 from circuits.patching import Ablation
 
@@ -33,8 +33,7 @@ class CurvePoint:
 
 
 def normalized(setup: Setup, mask: torch.Tensor, empty: float, full: float) -> float:
-    m = setup.metric(mask).mean().item()
-    return (m - empty) / (full - empty) if full != empty else float("nan")
+    return normalized_faithfulness(setup.metric(mask).mean().item(), empty, full)
 
 
 def baselines(setup: Setup) -> tuple[float, float]:

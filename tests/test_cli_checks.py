@@ -145,3 +145,11 @@ def test_discover_and_verify_never_write_over_their_inputs(capsys, tmp_path):
     saved = Path(out).read_text()
     assert "is the input file" in _error(capsys, ["verify", out, "induction-2l", "induction", "--out", out])
     assert task.read_text() == before and Path(out).read_text() == saved
+
+
+def test_faithfulness_has_one_definition_of_undefined():
+    from circuits.evaluation import behaviour_gap, normalized_faithfulness
+    assert behaviour_gap(2.0, 1.0) == 1.0 and behaviour_gap(1.0, 1.0 + 1e-9) is None
+    assert normalized_faithfulness(1.5, 1.0, 2.0) == 0.5
+    nan = normalized_faithfulness(5.0, 1.0, 1.0 + 1e-9)     # not a huge ratio over rounding noise
+    assert nan != nan
