@@ -21,11 +21,13 @@ def main():
     ap.add_argument("--tau", type=float, default=0.05)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from circuits import builtin_tasks, discover, evaluation, methods, models, patching
-    from circuits.verify import jaccard
+    from circuits import discover, evaluation, methods, patching
+    from circuits.model import loader
+    from circuits.tasks import builtin
+    from circuits.verify.checks import jaccard
 
-    model = models.load(args.model)
-    task = builtin_tasks.build_task("induction", model, n=args.n)
+    model = loader.load(args.model)
+    task = builtin.build_task("induction", model, n=args.n)
     setup = evaluation.prepare(model, task)
     w, g = model.weights, model.graph
 

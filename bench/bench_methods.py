@@ -32,8 +32,10 @@ def timeit(fn, repeat=3):
 
 
 def make(model_spec, n, length):
-    from circuits import evaluation, models, tasks
-    model = models.load(model_spec, check=False)
+    from circuits import evaluation
+    from circuits.model import loader
+    from circuits.tasks.task import from_pairs
+    model = loader.load(model_spec, check=False)
     g = torch.Generator().manual_seed(0)
     hi = min(model.arch.d_vocab, 50000)
     clean = torch.randint(1, hi, (n, length), generator=g)
@@ -41,7 +43,7 @@ def make(model_spec, n, length):
     corr[:, : length // 2] = torch.randint(1, hi, (n, length // 2), generator=g)
     ans = torch.randint(1, hi, (n, 1), generator=g)
     wrong = torch.randint(1, hi, (n, 1), generator=g)
-    task = tasks.from_pairs("bench", clean.tolist(), corr.tolist(), ans.tolist(), wrong.tolist())
+    task = from_pairs("bench", clean.tolist(), corr.tolist(), ans.tolist(), wrong.tolist())
     return model, task, evaluation
 
 

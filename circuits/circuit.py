@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from circuits.errors import CircuitsError
 from circuits.graph import Graph
 
 SCHEMA = "circuits.circuit"
 SCHEMA_VERSION = 1
 
 
-class CircuitFileError(ValueError):
+class CircuitFileError(CircuitsError, ValueError):
     """A circuit file that cannot be read, or does not fit the model's graph."""
 
 
@@ -112,7 +113,7 @@ def save(circuit: Circuit, path: str | Path) -> None:
 def graph_from_summary(summary: dict) -> Graph:
     """The graph a circuit file was made on, rebuilt from its summary (no model needed)."""
     from circuits import graph as graph_mod
-    from circuits.adapters import Arch, Norm, Positional
+    from circuits.model.adapters import Arch, Norm, Positional
     try:
         arch = Arch(family=summary.get("family", "unknown"), n_layers=int(summary["n_layers"]),
                     n_heads=int(summary["n_heads"]), n_kv_heads=int(summary.get("n_kv_heads", summary["n_heads"])),

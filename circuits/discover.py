@@ -12,7 +12,7 @@ from circuits import methods, select
 from circuits.circuit import Circuit
 from circuits.evaluation import Setup, behaviour_gap, normalized_faithfulness
 from circuits.methods.acdc import acdc
-from circuits.tasks import Metric
+from circuits.tasks.task import Metric
 
 
 def package_version() -> str:

@@ -1,10 +1,9 @@
-"""Exceptions that mean bad input from the user; the CLI prints them without a stack trace."""
+"""The root of the engine's own exceptions (importable without torch).
 
-from circuits.adapters import UnsupportedModel
-from circuits.circuit import CircuitFileError
-from circuits.models import ModelLoadError
-from circuits.render import RenderError
-from circuits.tasks import TaskError
+Each is bad input or an unusable environment, stated in one line that names what to fix: the
+command line prints it without a stack trace and exits 2.
+"""
 
-USER_ERRORS = (UnsupportedModel, CircuitFileError, ModelLoadError, TaskError, RenderError,
-               FileNotFoundError, ValueError)
+
+class CircuitsError(Exception):
+    """Base of every error the engine raises on purpose."""

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from circuits import patching
-from circuits.models import Model
+from circuits.model.loader import Model
 from circuits.patching import Ablation, Prefix
-from circuits.tasks import Metric, Task, check_metric, metric_values
+from circuits.tasks.task import Metric, Task, check_metric, metric_values
 
 
 @dataclass(frozen=True, eq=False)

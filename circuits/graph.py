@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from circuits.adapters import Arch
+from circuits.model.adapters import Arch
 
 
 class Channel(Enum):
@@ -204,3 +204,15 @@ def build(arch: Arch) -> Graph:
     n_inputs.append(len(senders))
     return Graph(arch, tuple(senders), tuple(receivers), torch.tensor(n_inputs, dtype=torch.long),
                  tuple(attn_cols), tuple(mlp_col), tuple(sender_start))
+
+
+def node_scores(g: Graph, edge_scores: torch.Tensor) -> torch.Tensor:
+    """Node-level view of edge scores: each node's summed |importance| of outgoing edges.
+
+    [n_nodes]; the logits node gets the sum over its incoming edges.
+    """
+    mag = edge_scores.abs() * g.allowed
+    out = torch.zeros(len(g.nodes))
+    out[: g.n_senders] = mag.sum(1)
+    out[-1] = mag[:, g.logits_col].sum()
+    return out

@@ -19,10 +19,9 @@ from enum import Enum
 
 import torch
 
-from circuits import components as C
-from circuits.adapters import Positional, Weights
 from circuits.graph import Graph
-
+from circuits.model import components as C
+from circuits.model.adapters import Positional, Weights
 
 PATCH_CACHE_ENTRIES = 64
 

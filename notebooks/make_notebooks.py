@@ -16,36 +16,41 @@ NOTEBOOKS = {
                "Load the built-in 2-layer model, build the induction task, find the circuit with "
                "EAP-IG, check it with real patching, draw it."),
         ("code", "import torch\ntorch.set_num_threads(2)\n"
-                 "from circuits import models, evaluation, discover, builtin_tasks\n"
-                 "model = models.load('induction-2l')\n"
-                 "task = builtin_tasks.build_task('induction', model, n=64)\n"
+                 "from circuits import evaluation, discover\n"
+                 "from circuits.model import loader\n"
+                 "from circuits.tasks.builtin import build_task\n"
+                 "model = loader.load('induction-2l')\n"
+                 "task = build_task('induction', model, n=64)\n"
                  "setup = evaluation.prepare(model, task)\n"
                  "print(model.graph.n_edges, 'edges;', len(task), 'examples')"),
         ("code", "found = discover.run(setup, 'eap-ig-activations')\n"
                  "c = found.circuit\n"
                  "print(c.n_edges, 'edges, faithfulness', round(found.faithfulness['faithfulness'], 3))\n"
                  "print([n for n in c.node_names()])"),
-        ("code", "from circuits import render\nfrom IPython.display import SVG\n"
+        ("code", "from circuits.io import render\nfrom IPython.display import SVG\n"
                  "out = render.render(render.to_dot(c, title='induction-2l'), 'quickstart.svg')\nSVG(filename=str(out))"),
-        ("code", "from circuits import verify\n"
-                 "points = verify.faithfulness_curve(setup, c.scores)\n"
+        ("code", "from circuits.verify import checks\n"
+                 "points = checks.faithfulness_curve(setup, c.scores)\n"
                  "print([(p.percent, round(p.faithfulness, 2)) for p in points])\n"
-                 "print('CPR, CMD =', verify.cpr_cmd(points))"),
+                 "print('CPR, CMD =', checks.cpr_cmd(points))"),
     ],
     "02_task_from_file.ipynb": [
         ("md", "# Defining a new task from a file\nA task file is JSONL or CSV with `clean`, `corrupted`, "
                "`answer`, `wrong`. Bad rows are refused with the line named."),
         ("code", "import json, pathlib, torch\ntorch.set_num_threads(2)\n"
-                 "from circuits import models, tasks, evaluation, discover\n"
+                 "from circuits import evaluation, discover\n"
+                 "from circuits.model import loader\n"
+                 "from circuits.tasks.files import load_file\n"
+                 "from circuits.tasks.task import TaskError\n"
                  "rows = [{'clean': 'When Mary and John went to the park, John gave a ball to', "
                  "'corrupted': 'When Mary and John went to the park, Anna gave a ball to', 'answer': ' Mary', 'wrong': ' John'},\n"
                  "        {'clean': 'When Tom and Lisa went to the store, Lisa gave a book to', "
                  "'corrupted': 'When Tom and Lisa went to the store, Paul gave a book to', 'answer': ' Tom', 'wrong': ' Lisa'}]\n"
                  "path = pathlib.Path('my_task.jsonl')\npath.write_text('\\n'.join(json.dumps(r) for r in rows))\n"
-                 "model = models.load('random:gpt2-tiny')\n"
-                 "task = tasks.load_file(path, model.tokenizer)\nprint(task.clean.shape, task.answers.tolist())"),
+                 "model = loader.load('random:gpt2-tiny')\n"
+                 "task = load_file(path, model.tokenizer)\nprint(task.clean.shape, task.answers.tolist())"),
         ("code", "bad = dict(rows[0], answer=' Maryanne-Louise')\npath.write_text(json.dumps(bad))\n"
-                 "try:\n    tasks.load_file(path, model.tokenizer)\nexcept tasks.TaskError as err:\n    print(err)"),
+                 "try:\n    load_file(path, model.tokenizer)\nexcept TaskError as err:\n    print(err)"),
         ("code", "setup = evaluation.prepare(model, task)\n"
                  "found = discover.run(setup, 'eap', selection=discover.Selection(top_n=20))\n"
                  "print(found.circuit.n_edges, 'edges, faithfulness', round(found.faithfulness['faithfulness'], 3))"),
@@ -54,13 +59,16 @@ NOTEBOOKS = {
         ("md", "# Comparing circuits across models and methods\nSame graph: edge and node Jaccard. "
                "Different depth or width: an alignment by relative depth, and a statement of what cannot be compared."),
         ("code", "import torch\ntorch.set_num_threads(2)\n"
-                 "from circuits import models, evaluation, discover, compare, builtin_tasks\n"
-                 "model = models.load('induction-2l')\ntask = builtin_tasks.build_task('induction', model, n=48)\n"
+                 "from circuits import evaluation, discover\n"
+                 "from circuits.io import compare\n"
+                 "from circuits.model import loader\n"
+                 "from circuits.tasks.builtin import build_task\n"
+                 "model = loader.load('induction-2l')\ntask = build_task('induction', model, n=48)\n"
                  "setup = evaluation.prepare(model, task)\n"
                  "eap = discover.run(setup, 'eap').circuit\nig = discover.run(setup, 'eap-ig-activations').circuit\n"
                  "print(compare.format_report(compare.compare(eap, ig, 'EAP', 'EAP-IG')))"),
-        ("code", "other = models.load('random:llama-tiny')\n"
-                 "t2 = builtin_tasks.build_task('induction', other, n=16)\n"
+        ("code", "other = loader.load('random:llama-tiny')\n"
+                 "t2 = build_task('induction', other, n=16)\n"
                  "c2 = discover.run(evaluation.prepare(other, t2), 'eap', selection=discover.Selection(top_n=20)).circuit\n"
                  "print(compare.format_report(compare.compare(ig, c2, 'induction-2l', 'llama-tiny')))"),
     ],
@@ -69,11 +77,13 @@ NOTEBOOKS = {
                "previous-token and induction heads (found by attention patterns and ablations when it was trained). "
                "How well does each method's node ranking recover them?"),
         ("code", "import torch\ntorch.set_num_threads(2)\n"
-                 "from circuits import models, evaluation, methods, builtin_tasks\n"
-                 "model = models.load('induction-2l')\n"
+                 "from circuits import evaluation, methods\n"
+                 "from circuits.model import loader\n"
+                 "from circuits.tasks.builtin import build_task\n"
+                 "model = loader.load('induction-2l')\n"
                  "truth = set(model.meta['previous_token_heads'] + model.meta['induction_heads'])\n"
-                 "setup = evaluation.prepare(model, builtin_tasks.build_task('induction', model, n=48))\n"
-                 "from circuits.groundtruth import node_auroc\n"
+                 "setup = evaluation.prepare(model, build_task('induction', model, n=48))\n"
+                 "from circuits.verify.groundtruth import node_auroc\n"
                  "for name in ['eap', 'eap-ig-activations', 'exact']:\n"
                  "    node = methods.node_scores(setup.graph, methods.get(name).score(setup))\n"
                  "    print(f'{name:20s} node AUROC {node_auroc(model.graph, node, truth):.2f}')"),
@@ -81,13 +91,14 @@ NOTEBOOKS = {
                "tracr; its ground-truth edges ship with it, for zero and for resample ablation (they differ: "
                "resampling keeps what clean and corrupted inputs share, such as their length). ACDC is scored by "
                "the ROC of its circuits over a sweep of τ, attribution methods by the ROC of their edge scores."),
-        ("code", "from circuits import patching, select, tracr_models, groundtruth\n"
+        ("code", "from circuits import patching, select\n"
+                 "from circuits.verify import groundtruth\n"
                  "from circuits.methods.acdc import acdc\n"
-                 "rev = models.load('tracr-reverse')\n"
+                 "rev = loader.load('tracr-reverse')\n"
                  "print(rev.meta['tracr']['ground_truth']['zero'])\n"
                  "for ablation in [patching.Ablation.ZERO, patching.Ablation.RESAMPLE]:\n"
-                 "    s = evaluation.prepare(rev, builtin_tasks.build_task('tracr', rev, n=200), ablation)\n"
-                 "    truth = tracr_models.shipped_ground_truth(rev, ablation.value)\n"
+                 "    s = evaluation.prepare(rev, build_task('tracr', rev, n=200), ablation)\n"
+                 "    truth = groundtruth.shipped_ground_truth(rev, ablation.value)\n"
                  "    masks = [select.prune(rev.graph, acdc(s, tau, metric=s.task.metric).mask) for tau in (0.1, 0.01, 0.001)]\n"
                  "    print(ablation.value, 'ACDC', groundtruth.sweep_auroc(rev.graph, masks, truth),\n"
                  "          'EAP-IG', round(groundtruth.edge_auroc(rev.graph, methods.get('eap-ig-inputs').score(s), truth), 3))"),

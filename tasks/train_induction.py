@@ -57,9 +57,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from train_common import optimizer_step, seed_everything
+from transformers import GPT2Config, GPT2LMHeadModel
 
 torch.set_num_threads(1)
 

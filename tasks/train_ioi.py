@@ -2,9 +2,9 @@
 """Train the shipped model ``ioi-3l``: a small GPT-2 that does indirect object identification.
 
 A 3-layer GPT-2-architecture transformer (4 heads/layer, d_model 64, d_mlp 256, 64 positions)
-with the real GPT-2 vocabulary (50257 tokens, `circuits.models.gpt2_tokenizer()`), trained on
+with the real GPT-2 vocabulary (50257 tokens, `circuits.model.loader.gpt2_tokenizer()`), trained on
 templated IOI prompts from the same generator family as the built-in task
-`circuits.builtin_tasks.ioi` (its templates, names, places and objects; ABBA and BABA orders)::
+`circuits.tasks.generators.ioi` (its templates, names, places and objects; ABBA and BABA orders)::
 
     <|endoftext|>When Mary and John went to the store, John gave a drink to  ->  " Mary"
 
@@ -58,11 +58,12 @@ import time
 from types import SimpleNamespace
 
 import torch
+from train_common import optimizer_step, seed_everything
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from circuits.builtin_tasks import IOI_TEMPLATES, NAMES_A, OBJECTS, PLACES, build_task
-from circuits.models import gpt2_tokenizer
-from train_common import optimizer_step, seed_everything
+from circuits.model.loader import gpt2_tokenizer
+from circuits.tasks.builtin import build_task
+from circuits.tasks.generators import IOI_TEMPLATES, NAMES_A, OBJECTS, PLACES
 
 torch.set_num_threads(1)
 
@@ -414,7 +415,7 @@ def roles(analysis: dict) -> dict:
 def default_discovery(path: pathlib.Path) -> dict:
     """What `circuits discover MODEL ioi` (default method and selection) finds on the saved model."""
     from circuits import discover, evaluation
-    from circuits.models import load
+    from circuits.model.loader import load
     model = load(str(path))
     found = discover.run(evaluation.prepare(model, build_task("ioi", model, n=64, seed=0)),
                          "eap-ig-activations")
@@ -569,7 +570,7 @@ def main() -> None:
             f"(the built-in ioi task's templates, names, places and objects; ABBA and BABA): "
             f"'When Mary and John went to the store, John gave a drink to' -> ' Mary'."),
         "training_format": {
-            "layout": "<|endoftext|> + an IOI_TEMPLATES prompt (circuits.builtin_tasks), C = S",
+            "layout": "<|endoftext|> + an IOI_TEMPLATES prompt (circuits.tasks.generators), C = S",
             "names": "NAMES_A; IO and S distinct, drawn fresh every step; ABBA/BABA with p = 0.5",
             "heldout_name_pairs": sorted(" / ".join(sorted(p)).replace("  ", " ").strip()
                                          for p in data.heldout_pairs),

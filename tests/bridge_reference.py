@@ -5,7 +5,7 @@ Used only by tests, to check the engine's fused forward against TL's own hook po
 
 import torch
 
-from circuits.adapters import Positional
+from circuits.model.adapters import Positional
 from circuits.patching import Ablation
 
 

@@ -12,9 +12,9 @@ _cache = {}
 
 
 def load_model(spec: str):
-    from circuits import models
+    from circuits.model import loader
     if spec not in _cache:
-        _cache[spec] = models.load(spec)
+        _cache[spec] = loader.load(spec)
     return _cache[spec]
 
 
@@ -24,7 +24,7 @@ def tiny(request):
 
 
 def random_task(model, n=4, length=7, seed=1, vary_lengths=False):
-    from circuits import tasks
+    from circuits.tasks.task import from_pairs
     g = torch.Generator().manual_seed(seed)
     hi = min(model.arch.d_vocab, 1000)
     clean = torch.randint(1, hi, (n, length), generator=g).tolist()
@@ -35,4 +35,4 @@ def random_task(model, n=4, length=7, seed=1, vary_lengths=False):
         corrupted = [c[:k] for c, k in zip(corrupted, cut)]
     answers = torch.randint(1, hi, (n, 1), generator=g).tolist()
     wrongs = torch.randint(1, hi, (n, 1), generator=g).tolist()
-    return tasks.from_pairs("random", clean, corrupted, answers, wrongs)
+    return from_pairs("random", clean, corrupted, answers, wrongs)

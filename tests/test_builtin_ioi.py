@@ -1,7 +1,7 @@
 """Checks on the shipped builtin model circuits/builtin/ioi-3l.
 
 The weights are produced by tasks/train_ioi.py (GPT-2 vocabulary, trained on templated IOI
-prompts); these tests load them through `circuits.models` and check that they solve the built-in
+prompts); these tests load them through `circuits.model.loader` and check that they solve the built-in
 `ioi` task on fresh prompts, that the checkpoint stays small, that the mechanism recorded in
 meta.json holds, and that the default discovery finds a small faithful circuit.
 """
@@ -13,11 +13,11 @@ import pathlib
 
 import pytest
 import torch
-
-from circuits import builtin_tasks, discover, evaluation
-from circuits.discover import Selection
-
 from conftest import load_model
+
+from circuits import discover, evaluation
+from circuits.discover import Selection
+from circuits.tasks import builtin
 
 MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "circuits" / "builtin" / "ioi-3l"
 
@@ -33,7 +33,7 @@ def meta():
 
 
 def task(model, n=200, seed=123):
-    return builtin_tasks.build_task("ioi", model, n=n, seed=seed)
+    return builtin.build_task("ioi", model, n=n, seed=seed)
 
 
 def logit_diffs(model, t) -> torch.Tensor:

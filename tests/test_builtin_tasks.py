@@ -1,10 +1,9 @@
 import pytest
-
-from circuits.builtin_tasks import TASKS, build_task
-from circuits.models import Model
-from circuits.tasks import TaskError
-
 from conftest import load_model
+
+from circuits.model.loader import Model
+from circuits.tasks.builtin import TASKS, build_task
+from circuits.tasks.task import TaskError
 
 
 @pytest.mark.parametrize("name", [n for n, spec in TASKS.items() if spec.any_model])

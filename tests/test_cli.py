@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.cli import main
+from circuits.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 IOI = str(ROOT / "tasks" / "examples" / "ioi-mini.jsonl")
@@ -89,8 +89,8 @@ def test_compare_across_models_cli(tmp_path, capsys):
 
 def test_metric_choices_match_the_metrics():
     """The CLI lists metric names literally (it imports torch lazily); keep them in step."""
-    from circuits.cli import parser
-    from circuits.tasks import Metric
+    from circuits.cli.main import parser
+    from circuits.tasks.task import Metric
     sub = next(a for a in parser()._actions if a.dest == "command")
     for command, dest in (("evaluate", "metric"), ("discover", "metric"), ("discover", "acdc_metric")):
         action = next(a for a in sub.choices[command]._actions if a.dest == dest)
@@ -103,12 +103,13 @@ def test_counterfactual_option_is_refused_for_builtin_tasks():
 
 def _induction_circuit_files(tmp_path):
     from circuits import circuit as circuit_io
-    from circuits import io, models
-    g = models.load("induction-2l").graph
+    from circuits.io import formats
+    from circuits.model import loader
+    g = loader.load("induction-2l").graph
     c = circuit_io.Circuit(g, g.full_mask(), None, {"model": "induction-2l"})
     circuit_io.save(c, tmp_path / "cc.json")
-    io.save_mib_json(c, tmp_path / "mib.json")
-    io.save_mib_pt(c, tmp_path / "ex.mib-pt")
+    formats.save_mib_json(c, tmp_path / "mib.json")
+    formats.save_mib_pt(c, tmp_path / "ex.mib-pt")
     return tmp_path / "cc.json", tmp_path / "mib.json", tmp_path / "ex.mib-pt"
 
 
@@ -149,7 +150,7 @@ def test_outputs_that_are_an_input_file_are_refused(tmp_path, capsys, monkeypatc
 
 
 def test_counts_are_pluralized(tmp_path, capsys):
-    from circuits.cli import plural
+    from circuits.cli.common import plural
     assert (plural(1, "example"), plural(2, "head"), plural(0, "edge")) == ("1 example", "2 heads", "0 edges")
     one = tmp_path / "one.jsonl"
     one.write_text(Path(IOI).read_text().splitlines()[0] + "\n")
@@ -158,7 +159,7 @@ def test_counts_are_pluralized(tmp_path, capsys):
 
 
 def test_verify_minimality_line_says_every_component_needed():
-    from circuits.cli_tools import _minimality_line
+    from circuits.cli.tools import _minimality_line
     mini = {"drop": {"a0.h1": 0.5, "m0": 0.2}, "threshold": 0.01, "not_needed": []}
     assert _minimality_line(mini).startswith("every component needed")
     assert _minimality_line(dict(mini, not_needed=["m0"])).startswith("not needed: m0 ")
@@ -166,7 +167,7 @@ def test_verify_minimality_line_says_every_component_needed():
 
 
 def test_tasks_listing_aligns_every_description(capsys):
-    from circuits.builtin_tasks import TASKS
+    from circuits.tasks.builtin import TASKS
     assert main(["tasks"]) == 0
     lines = capsys.readouterr().out.splitlines()
     width = max(len(name) for name in TASKS)

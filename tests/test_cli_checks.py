@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.cli import main
+from circuits.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 IOI = str(ROOT / "tasks" / "examples" / "ioi-mini.jsonl")
@@ -106,21 +106,23 @@ def test_discover_says_what_pruning_removed_and_reports_known_heads_in_json(caps
 def test_multi_token_answers_report_whole_continuations(capsys, tmp_path):
     """One example with a 3-token answer: 3 rows, reported as 1 example; the metric shown is
     the log-probability of the whole continuation; `wrong` is not read under logprob."""
-    from circuits import models, tasks
-    model = models.load("random:gpt2-tiny")
+    from circuits.model import loader
+    from circuits.tasks.files import load_file
+    from circuits.tasks.task import Metric, metric_values
+    model = loader.load("random:gpt2-tiny")
     answer = " Eiffel Tower"
     n_tokens = len(model.tokenizer.encode(answer))
     assert n_tokens > 1
     path = tmp_path / "multi.jsonl"
     path.write_text(json.dumps({"clean": "The tower in Paris is the", "corrupted": "The tower in Tokyo is the",
                                 "answer": answer, "wrong": " Tokyo Tower"}) + "\n")
-    task = tasks.load_file(path, model.tokenizer, metric=tasks.Metric.LOGPROB)
+    task = load_file(path, model.tokenizer, metric=Metric.LOGPROB)
     assert len(task) == n_tokens and task.meta["examples"] == 1
     assert main(["evaluate", "random:gpt2-tiny", str(path), "--metric", "logprob", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     from circuits import patching
     logits = patching.run(model.weights, model.graph, task.clean, positions=task.positions).logits
-    whole = tasks.metric_values(tasks.Metric.LOGPROB, logits, task).sum().item()
+    whole = metric_values(Metric.LOGPROB, logits, task).sum().item()
     assert report["examples"] == 1 and report["clean"] == pytest.approx(whole, rel=1e-5)
     assert main(["evaluate", "random:gpt2-tiny", str(path), "--metric", "logprob"]) == 0
     assert f"1 example ({n_tokens} answer-token rows)" in capsys.readouterr().out

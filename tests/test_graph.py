@@ -1,10 +1,10 @@
 import json
 
-from circuits import graph
-from circuits.adapters import Arch, Norm, Positional
-from circuits.cli import main
-
 from conftest import load_model
+
+from circuits import graph
+from circuits.cli.main import main
+from circuits.model.adapters import Arch, Norm, Positional
 
 
 def arch(**kw):

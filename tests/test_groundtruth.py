@@ -1,11 +1,11 @@
 import pytest
 import torch
+from conftest import load_model
 
 from circuits import evaluation, methods
-from circuits.builtin_tasks import build_task
-from circuits.groundtruth import auroc, edge_auroc, node_auroc, roc
-
-from conftest import load_model
+from circuits.graph import node_scores as graph_node_scores
+from circuits.tasks.builtin import build_task
+from circuits.verify.groundtruth import auroc, edge_auroc, node_auroc, roc
 
 
 def test_auroc_known_values():
@@ -24,7 +24,7 @@ def test_node_and_edge_auroc_on_the_induction_model():
     setup = evaluation.prepare(model, build_task("induction", model, n=32))
     scores = methods.get("eap-ig-activations").score(setup)
     truth = set(model.meta["previous_token_heads"] + model.meta["induction_heads"])
-    assert node_auroc(model.graph, methods.node_scores(setup.graph, scores), truth) >= 0.8
+    assert node_auroc(model.graph, graph_node_scores(setup.graph, scores), truth) >= 0.8
     key = model.graph.mask_from_edges([f"{p}->{i}<k>" for p in model.meta["previous_token_heads"]
                                        for i in model.meta["induction_heads"]])
     assert edge_auroc(model.graph, scores, key) >= 0.85   # the two K-composition edges rank high

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-from circuits import builtin_tasks, discover, evaluation, methods
-from circuits.discover import Selection
-
 from conftest import load_model
+
+from circuits import discover, evaluation, methods
+from circuits.discover import Selection
+from circuits.tasks import builtin
 
 ATTRIBUTION = ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"]
 
@@ -14,7 +14,7 @@ ATTRIBUTION = ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"]
 @pytest.fixture(scope="module")
 def setup():
     model = load_model("induction-2l")
-    return evaluation.prepare(model, builtin_tasks.build_task("induction", model, n=48))
+    return evaluation.prepare(model, builtin.build_task("induction", model, n=48))
 
 
 def heads(setup):

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from conftest import load_model, random_task
 
 from circuits import evaluation, methods, select
-from circuits.adapters import Arch, LayerWeights, Norm, Positional, Weights
 from circuits.graph import build
 from circuits.methods.acdc import acdc
-from circuits.models import Model
-from circuits.tasks import Metric, from_pairs
-
-from conftest import load_model, random_task
+from circuits.model.adapters import Arch, LayerWeights, Norm, Positional, Weights
+from circuits.model.loader import Model
+from circuits.tasks.task import Metric, from_pairs
 
 ATTRIBUTION = ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"]
 
@@ -149,7 +148,7 @@ def test_acdc_equals_naive_reference(tau, metric):
 def test_acdc_from_a_start_mask_equals_naive_reference():
     """hybrid's path: edges removed up front in early layers must be ablated in every test (a
     forward started at the receiver's layer from the clean prefix would drop them)."""
-    from circuits.builtin_tasks import build_task
+    from circuits.tasks.builtin import build_task
     model = load_model("induction-2l")
     setup = evaluation.prepare(model, build_task("induction", model, n=16, seed=0))
     start = select.top_n(model.graph, methods.get("eap-ig-activations").score(setup), 30)
@@ -206,7 +205,7 @@ def test_selection_is_pure_idempotent_and_never_adds_edges():
 
 def test_hybrid_searches_within_a_faithful_candidate_set():
     from circuits import discover
-    from circuits.builtin_tasks import build_task
+    from circuits.tasks.builtin import build_task
     model = load_model("induction-2l")
     setup = evaluation.prepare(model, build_task("induction", model, n=16, seed=0))
     found = discover.run(setup, "hybrid")

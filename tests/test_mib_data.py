@@ -6,13 +6,14 @@ import re
 import pytest
 import torch
 
-from circuits import models
-from circuits.tasks import Metric, TaskError, load_file
+from circuits.model import loader
+from circuits.tasks.files import load_file
+from circuits.tasks.task import Metric, TaskError
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return models.gpt2_tokenizer()
+    return loader.gpt2_tokenizer()
 
 
 def _ioi_row(io, s, place="store", obj="drink"):
@@ -177,7 +178,7 @@ def test_eap_ig_greater_than_with_correct_idx_header_and_missing_fields(tmp_path
 def test_task_files_for_a_tracr_model_pad_with_its_masked_token(tmp_path):
     """Padding must be the token the non-causal model masks, or padded rows read it as input."""
     from circuits import evaluation, patching
-    model = models.load("tracr-sort")
+    model = loader.load("tracr-sort")
     rows = [{"clean": "3 1 2", "corrupted": "2 3 1", "answer": "3", "wrong": "1"},
             {"clean": "5 1 2 4 3", "corrupted": "1 2 3 4 5", "answer": "5", "wrong": "1"}]
     task = load_file(_write_jsonl(tmp_path / "sort.jsonl", rows), model.tokenizer)
@@ -188,7 +189,7 @@ def test_task_files_for_a_tracr_model_pad_with_its_masked_token(tmp_path):
 
 
 def test_task_file_token_outside_a_fixed_vocabulary_names_the_line(tmp_path):
-    model = models.load("tracr-reverse")
+    model = loader.load("tracr-reverse")
     rows = [{"clean": "a b", "corrupted": "b a", "answer": "b", "wrong": "a"},
             {"clean": "a q", "corrupted": "b a", "answer": "a", "wrong": "b"}]
     with pytest.raises(TaskError, match=r"line 2: tokens \['q'\] are not in this model's vocabulary"):

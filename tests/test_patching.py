@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-
-from circuits import evaluation, patching
-from circuits.adapters import Arch, LayerWeights, Norm, Positional, Weights
-from circuits.graph import Channel, build
-from circuits.patching import Ablation
-
 from bridge_reference import node_patched_logits, receiver_fed_corrupted_logits
 from conftest import TINY, load_model, random_task
+
+from circuits import evaluation, patching
+from circuits.graph import Channel, build
+from circuits.model.adapters import Arch, LayerWeights, Norm, Positional, Weights
+from circuits.patching import Ablation
 
 ABLATIONS = list(Ablation)
 HF = ["random:gpt2-tiny", "random:neox-tiny", "random:llama-tiny"]
@@ -132,9 +131,9 @@ def test_results_do_not_depend_on_batch_size(ablation):
 
 
 def test_same_seed_same_numbers():
-    from circuits import models
-    a = models.load("random:gpt2-tiny", seed=7, check=False)
-    b = models.load("random:gpt2-tiny", seed=7, check=False)
+    from circuits.model import loader
+    a = loader.load("random:gpt2-tiny", seed=7, check=False)
+    b = loader.load("random:gpt2-tiny", seed=7, check=False)
     task = random_task(a)
     mask = a.graph.full_mask()
     mask[:, : a.graph.n_receivers // 2] = False

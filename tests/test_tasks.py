@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import load_model
 
 from circuits import evaluation
-from circuits.models import gpt2_tokenizer
-from circuits.tasks import Metric, TaskError, from_pairs, load_file, metric_values
-
-from conftest import load_model
+from circuits.model.loader import gpt2_tokenizer
+from circuits.tasks.files import load_file
+from circuits.tasks.task import Metric, TaskError, from_pairs, metric_values
 
 TOK = gpt2_tokenizer()
 

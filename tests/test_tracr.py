@@ -8,12 +8,15 @@ import itertools
 
 import pytest
 import torch
-
-from circuits import evaluation, groundtruth, methods, models, patching, select, tracr_models
-from circuits.builtin_tasks import build_task
-from circuits.methods.acdc import acdc
-from circuits.tasks import Metric, TaskError
 from conftest import load_model
+
+from circuits import evaluation, methods, patching, select
+from circuits.graph import node_scores as graph_node_scores
+from circuits.methods.acdc import acdc
+from circuits.model import loader, tracr
+from circuits.tasks.builtin import build_task
+from circuits.tasks.task import Metric, TaskError
+from circuits.verify import groundtruth
 
 PROGRAMS = ["tracr-reverse", "tracr-proportion", "tracr-sort"]
 ABLATIONS = [patching.Ablation.ZERO, patching.Ablation.RESAMPLE]
@@ -25,7 +28,7 @@ def tracr_model():
 
     def get(name):
         if name not in cache:
-            cache[name] = models.load(name)
+            cache[name] = loader.load(name)
         return cache[name]
     return get
 
@@ -37,7 +40,7 @@ def setups(tracr_model):
     def get(name, ablation):
         if (name, ablation) not in cache:
             model = tracr_model(name)
-            data = tracr_models.GROUND_TRUTH_DATA
+            data = groundtruth.GROUND_TRUTH_DATA
             task = build_task("tracr", model, n=data["n"], seed=data["seed"])
             cache[name, ablation] = evaluation.prepare(model, task, ablation)
         return cache[name, ablation]
@@ -46,7 +49,7 @@ def setups(tracr_model):
 
 def _all_inputs(model):
     tr = model.meta["tracr"]
-    program = tracr_models.PROGRAMS[tr["program"]]
+    program = tracr.PROGRAMS[tr["program"]]
     vocab = [v for v in tr["input_vocab"] if v not in (tr["bos"], tr["pad"])]
     for length in range(1, tr["max_seq_len"] + 1):
         rows = (itertools.permutations(vocab, length) if program.distinct
@@ -77,7 +80,7 @@ def test_converted_model_computes_its_program_on_every_input(tracr_model, name):
         ids = torch.tensor([model.tokenizer.encode(" ".join([tr["bos"]] + r)) for r in rows])
         out = patching.run(model.weights, model.graph, ids).logits[:, -1]
         for r, o in zip(rows, out):
-            want = tracr_models.PROGRAMS[tr["program"]].reference(r)
+            want = tracr.PROGRAMS[tr["program"]].reference(r)
             if tr["categorical"]:
                 assert tr["output_vocab"][int(o.argmax())] == str(want), r
             else:
@@ -90,9 +93,9 @@ def test_converted_model_computes_its_program_on_every_input(tracr_model, name):
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: a.value)
 def test_shipped_ground_truth_is_reproduced_structural_and_sufficient(tracr_model, setups, name, ablation):
     model, setup = tracr_model(name), setups(name, ablation)
-    shipped = tracr_models.shipped_ground_truth(model, ablation.value)
-    assert torch.equal(tracr_models.ground_truth(setup), shipped)
-    structural = tracr_models.structural_mask(model.weights, model.graph)
+    shipped = groundtruth.shipped_ground_truth(model, ablation.value)
+    assert torch.equal(groundtruth.ground_truth(setup), shipped)
+    structural = groundtruth.structural_mask(model.weights, model.graph)
     assert not (shipped & ~structural).any()
     assert setup.faithfulness(shipped)["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     # Every ground-truth edge is necessary: removing it alone changes the metric.
@@ -139,7 +142,7 @@ def test_computed_ground_truth_equals_the_published_one(tracr_model, name, ablat
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: a.value)
 def test_acdc_reaches_auroc_1(tracr_model, setups, name, ablation):
     model, setup = tracr_model(name), setups(name, ablation)
-    truth = tracr_models.shipped_ground_truth(model, ablation.value)
+    truth = groundtruth.shipped_ground_truth(model, ablation.value)
     masks = [select.prune(model.graph, acdc(setup, tau, metric=setup.task.metric).mask)
              for tau in (1e-1, 1e-2, 1e-3, 1e-4)]
     assert groundtruth.sweep_auroc(model.graph, masks, truth) == 1.0
@@ -154,7 +157,7 @@ def test_acdc_reaches_auroc_1(tracr_model, setups, name, ablation):
 @pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
 def test_eap_ig_reaches_auroc_1(tracr_model, setups, name, ablation, method):
     model, setup = tracr_model(name), setups(name, ablation)
-    truth = tracr_models.shipped_ground_truth(model, ablation.value)
+    truth = groundtruth.shipped_ground_truth(model, ablation.value)
     scores = methods.get(method).score(setup)
     assert groundtruth.edge_auroc(model.graph, scores, truth) == 1.0
 
@@ -165,10 +168,10 @@ def test_node_level_auroc(tracr_model, setups, name, ablation):
     """Components (heads, MLPs) touching a ground-truth edge, ranked by summed |edge score|:
     every gradient method ranks them perfectly in every setting."""
     model, setup = tracr_model(name), setups(name, ablation)
-    nodes = groundtruth.truth_nodes(model.graph, tracr_models.shipped_ground_truth(model, ablation.value))
+    nodes = groundtruth.truth_nodes(model.graph, groundtruth.shipped_ground_truth(model, ablation.value))
     assert nodes and "input" not in nodes and "logits" not in nodes
     for method in ("eap-ig-inputs", "eap-ig-activations", "clean-corrupted"):
-        node = methods.node_scores(model.graph, methods.get(method).score(setup))
+        node = graph_node_scores(model.graph, methods.get(method).score(setup))
         assert groundtruth.node_auroc(model.graph, node, nodes) == 1.0, method
 
 
@@ -195,7 +198,7 @@ README_AUROC = {
 @pytest.mark.parametrize("name,ablation", list(README_AUROC), ids=lambda x: x)
 def test_readme_auroc_table(tracr_model, setups, name, ablation):
     model, setup = tracr_model(name), setups(name, patching.Ablation(ablation))
-    truth = tracr_models.shipped_ground_truth(model, ablation)
+    truth = groundtruth.shipped_ground_truth(model, ablation)
     masks = [select.prune(model.graph, acdc(setup, tau, metric=setup.task.metric).mask)
              for tau in (1e-1, 1e-2, 1e-3, 1e-4)]
     got = [groundtruth.sweep_auroc(model.graph, masks, truth)] + [
@@ -223,7 +226,7 @@ def test_eap_ig_under_zero_ablation_misses_step_functions(tracr_model, setups, n
     the output; and a hard attention's `one`/BOS inputs get gradient on the path but have no
     effect at the end points. EAP-IG ranks all but those few edges correctly, at any step count."""
     model, setup = tracr_model(name), setups(name, patching.Ablation.ZERO)
-    truth = tracr_models.shipped_ground_truth(model, "zero")
+    truth = groundtruth.shipped_ground_truth(model, "zero")
     for steps in (5, 50):
         scores = methods.get("eap-ig-inputs").score(setup, steps=steps)
         assert 0.97 <= groundtruth.edge_auroc(model.graph, scores, truth) < 1.0
@@ -232,7 +235,7 @@ def test_eap_ig_under_zero_ablation_misses_step_functions(tracr_model, setups, n
 def test_gradient_scores_are_exactly_zero_off_the_structure(tracr_model, setups):
     """No normalization: a receiver's gradient tap must not see other readers of the stream."""
     model, setup = tracr_model("tracr-reverse"), setups("tracr-reverse", patching.Ablation.ZERO)
-    structural = tracr_models.structural_mask(model.weights, model.graph)
+    structural = groundtruth.structural_mask(model.weights, model.graph)
     for method in ("clean-corrupted", "eap-ig-inputs", "eap-ig-activations"):
         scores = methods.get(method).score(setup)
         assert (scores[model.graph.allowed & ~structural] == 0).all(), method
@@ -272,17 +275,17 @@ def test_tracr_task_metrics(tracr_model):
 def test_compiling_reproduces_the_shipped_weights(tracr_model):
     pytest.importorskip("tracr")
     from safetensors.numpy import load_file
-    for name in tracr_models.PROGRAMS:
-        assembled, out_sop = tracr_models.compile_program(name)
-        cfg, state, meta = tracr_models.convert(assembled, tracr_models.PROGRAMS[name], out_sop)
-        shipped = load_file(str(models.BUILTIN_DIR / f"tracr-{name}" / "model.safetensors"))
+    for name in tracr.PROGRAMS:
+        assembled, out_sop = tracr.compile_program(name)
+        cfg, state, meta = tracr.convert(assembled, tracr.PROGRAMS[name], out_sop)
+        shipped = load_file(str(loader.BUILTIN_DIR / f"tracr-{name}" / "model.safetensors"))
         assert set(state) == set(shipped)
         for k in state:
             assert (state[k] == shipped[k]).all(), k
 
 
 def test_cli_discover_reports_the_ground_truth(tmp_path, capsys):
-    from circuits.cli import main
+    from circuits.cli.main import main
     out = str(tmp_path / "c.json")
     assert main(["discover", "tracr-reverse", "tracr", "--ablation", "zero", "--method", "acdc",
                  "--quiet", "--out", out]) == 0

@@ -6,15 +6,16 @@ import re
 import networkx as nx
 import pytest
 import torch
-
-from circuits import circuit as circuit_io
-from circuits import compare, evaluation, io, methods, render, select, verify
-from circuits.graph import build
-from circuits.models import Model
-from circuits.tasks import from_pairs
-
 from conftest import load_model, random_task
 from test_patching import micro_model
+
+from circuits import circuit as circuit_io
+from circuits import evaluation, methods, select
+from circuits.graph import build
+from circuits.io import compare, formats, render
+from circuits.model.loader import Model
+from circuits.tasks.task import from_pairs
+from circuits.verify import checks
 
 
 def micro_setup():
@@ -46,7 +47,7 @@ def test_minimality_and_completeness_on_the_micro_model():
     model, setup = micro_setup()
     g = model.graph
     full = g.full_mask()
-    mini = verify.minimality(setup, full)
+    mini = checks.minimality(setup, full)
     # Without the head, the logits read only the input: f = (m(x2 + mean xc) - m_empty) / (...)
     E = model.weights.W_E
     x, xc = E[[0, 1, 2]], E[[2, 2, 0]]
@@ -54,27 +55,27 @@ def test_minimality_and_completeness_on_the_micro_model():
     m_full, m_empty = m(x[2] + x.mean(0)), m(xc[2] + xc.mean(0))
     f_no_head = (m(x[2] + xc.mean(0)) - m_empty) / (m_full - m_empty)
     assert mini["drop"]["a0.h0"] == pytest.approx(1 - f_no_head)
-    comp = verify.completeness(setup, full)
+    comp = checks.completeness(setup, full)
     assert comp["worst_gap"] == pytest.approx(0.0, abs=1e-6)   # the full model is complete
 
 
 def test_cpr_cmd_follow_the_mib_trapezoid():
     fs = [0.0, 0.1, 0.3, 0.2, 0.5, 0.7, 0.9, 1.1, 1.0, 1.0]
-    points = [verify.CurvePoint(p, 0, f) for p, f in zip(verify.MIB_PERCENTS, fs)]
-    cpr, cmd = verify.cpr_cmd(points)
-    xs = [p / 100 for p in verify.MIB_PERCENTS]
+    points = [checks.CurvePoint(p, 0, f) for p, f in zip(checks.MIB_PERCENTS, fs)]
+    cpr, cmd = checks.cpr_cmd(points)
+    xs = [p / 100 for p in checks.MIB_PERCENTS]
     want_cpr = sum((xs[i + 1] - xs[i]) * (fs[i] + fs[i + 1]) / 2 for i in range(9))
     want_cmd = sum((xs[i + 1] - xs[i]) * (abs(1 - fs[i]) + abs(1 - fs[i + 1])) / 2 for i in range(9))
     assert cpr == pytest.approx(want_cpr) and cmd == pytest.approx(want_cmd)
-    ones = [verify.CurvePoint(p, 0, 1.0) for p in verify.MIB_PERCENTS]
-    assert verify.cpr_cmd(ones) == (pytest.approx(0.999), pytest.approx(0.0))
+    ones = [checks.CurvePoint(p, 0, 1.0) for p in checks.MIB_PERCENTS]
+    assert checks.cpr_cmd(ones) == (pytest.approx(0.999), pytest.approx(0.0))
 
 
 def test_curve_ends_at_full_model():
     model = load_model("random:gpt2-tiny")
     setup = evaluation.prepare(model, random_task(model))
     scores = methods.get("eap").score(setup)
-    points = verify.faithfulness_curve(setup, scores)
+    points = checks.faithfulness_curve(setup, scores)
     assert points[-1].edges == model.graph.n_edges
     assert points[-1].faithfulness == pytest.approx(1.0)
 
@@ -105,7 +106,7 @@ def test_own_json_round_trip(tmp_path):
 
 def test_circuit_load_refuses_binary_and_non_object_files_in_one_line(tmp_path):
     model, c = circuit_with_scores()
-    io.save_mib_pt(c, tmp_path / "c.pt")
+    formats.save_mib_pt(c, tmp_path / "c.pt")
     with pytest.raises(circuit_io.CircuitFileError, match=re.escape(f"{tmp_path / 'c.pt'}: binary content")):
         circuit_io.load(tmp_path / "c.pt")
     (tmp_path / "a.json").write_text("[1, 2]")
@@ -120,28 +121,28 @@ def test_circuit_load_refuses_binary_and_non_object_files_in_one_line(tmp_path):
 
 def test_mib_json_and_pt_layout_and_round_trip(tmp_path):
     model, c = circuit_with_scores()
-    io.save_mib_json(c, tmp_path / "c.json")
+    formats.save_mib_json(c, tmp_path / "c.json")
     data = json.loads((tmp_path / "c.json").read_text())
     assert set(data) == {"cfg", "nodes", "edges"}
     assert data["cfg"]["n_layers"] == 2 and data["cfg"]["parallel_attn_mlp"] is False
     some = next(iter(data["edges"].values()))
     assert set(some) == {"score", "in_graph"}
     assert len(data["edges"]) == model.graph.n_edges
-    same(c, io.load_mib(tmp_path / "c.json", model.graph))
-    io.save_mib_pt(c, tmp_path / "c.pt")
+    same(c, formats.load_mib(tmp_path / "c.json", model.graph))
+    formats.save_mib_pt(c, tmp_path / "c.pt")
     d = torch.load(tmp_path / "c.pt", weights_only=True)
     assert {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"} <= set(d)
     assert d["edges_scores"].shape == (model.graph.n_senders, model.graph.n_receivers)
-    same(c, io.load_mib(tmp_path / "c.pt", model.graph))
+    same(c, formats.load_mib(tmp_path / "c.pt", model.graph))
 
 
 
 def test_mib_reader_tells_pt_from_json_by_content_not_name(tmp_path):
     model, c = circuit_with_scores()
-    io.save_mib_pt(c, tmp_path / "ex.mib-pt")
-    same(c, io.load_mib(tmp_path / "ex.mib-pt", model.graph))
-    io.save_mib_json(c, tmp_path / "json-named.pt")
-    same(c, io.load_mib(tmp_path / "json-named.pt", model.graph))
+    formats.save_mib_pt(c, tmp_path / "ex.mib-pt")
+    same(c, formats.load_mib(tmp_path / "ex.mib-pt", model.graph))
+    formats.save_mib_json(c, tmp_path / "json-named.pt")
+    same(c, formats.load_mib(tmp_path / "json-named.pt", model.graph))
 
 
 def _wrong_files(tmp_path, c):
@@ -149,10 +150,10 @@ def _wrong_files(tmp_path, c):
     files = {"mib": tmp_path / "c.mib.json", "mib-pt": tmp_path / "c.pt", "graphml": tmp_path / "c.graphml",
              "node-link": tmp_path / "c.nl.json", "circuits": tmp_path / "c.json",
              "text": tmp_path / "notes.txt", "array": tmp_path / "array.json", "other-pt": tmp_path / "other.pt"}
-    io.save_mib_json(c, files["mib"])
-    io.save_mib_pt(c, files["mib-pt"])
-    io.save_graphml(c, files["graphml"])
-    io.save_node_link(c, files["node-link"])
+    formats.save_mib_json(c, files["mib"])
+    formats.save_mib_pt(c, files["mib-pt"])
+    formats.save_graphml(c, files["graphml"])
+    formats.save_node_link(c, files["node-link"])
     circuit_io.save(c, files["circuits"])
     files["text"].write_text("hello\n")
     files["array"].write_text("[1, 2]")
@@ -160,9 +161,9 @@ def _wrong_files(tmp_path, c):
     return files
 
 
-@pytest.mark.parametrize("fmt,reader,own", [("mib", io.load_mib, ("mib", "mib-pt")),
-                                            ("graphml", io.load_graphml, ("graphml",)),
-                                            ("node-link", io.load_node_link, ("node-link",))])
+@pytest.mark.parametrize("fmt,reader,own", [("mib", formats.load_mib, ("mib", "mib-pt")),
+                                            ("graphml", formats.load_graphml, ("graphml",)),
+                                            ("node-link", formats.load_node_link, ("node-link",))])
 def test_readers_refuse_other_formats_naming_file_and_format(tmp_path, fmt, reader, own):
     model, c = circuit_with_scores()
     expected = {"mib": "an MIB circuit", "graphml": "GraphML", "node-link": "node-link"}[fmt]
@@ -176,9 +177,10 @@ def test_readers_refuse_other_formats_naming_file_and_format(tmp_path, fmt, read
         assert expected in msg, (kind, msg)
 
 
-@pytest.mark.parametrize("save,reader", [(io.save_mib_json, io.load_mib), (io.save_mib_pt, io.load_mib),
-                                         (io.save_graphml, io.load_graphml),
-                                         (io.save_node_link, io.load_node_link)])
+@pytest.mark.parametrize("save,reader", [(formats.save_mib_json, formats.load_mib),
+                                         (formats.save_mib_pt, formats.load_mib),
+                                         (formats.save_graphml, formats.load_graphml),
+                                         (formats.save_node_link, formats.load_node_link)])
 def test_readers_refuse_a_circuit_of_another_model_naming_the_file(tmp_path, save, reader):
     _, c = circuit_with_scores()
     other = load_model("random:gpt2-small")
@@ -192,7 +194,7 @@ def test_mib_refuses_grouped_query_models():
     model = load_model("random:llama-tiny")
     c = circuit_io.Circuit(model.graph, model.graph.full_mask(), None, {})
     with pytest.raises(circuit_io.CircuitFileError, match="grouped-query"):
-        io.to_mib(c)
+        formats.to_mib(c)
 
 
 @pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny"])
@@ -202,19 +204,20 @@ def test_graphml_node_link_networkx_round_trip(tmp_path, spec):
     gen = torch.Generator().manual_seed(0)
     c = circuit_io.Circuit(g, torch.rand(g.n_senders, g.n_receivers, generator=gen) > 0.5,
                            torch.randn(g.n_senders, g.n_receivers, generator=gen), {"x": 1})
-    assert isinstance(io.to_networkx(c), nx.DiGraph)
-    same(c, io.from_networkx(io.to_networkx(c), g))
-    io.save_graphml(c, tmp_path / "c.graphml")
-    same(c, io.load_graphml(tmp_path / "c.graphml", g))
-    io.save_node_link(c, tmp_path / "c.nl.json")
-    same(c, io.load_node_link(tmp_path / "c.nl.json", g))
+    assert isinstance(formats.to_networkx(c), nx.DiGraph)
+    same(c, formats.from_networkx(formats.to_networkx(c), g))
+    formats.save_graphml(c, tmp_path / "c.graphml")
+    same(c, formats.load_graphml(tmp_path / "c.graphml", g))
+    formats.save_node_link(c, tmp_path / "c.nl.json")
+    same(c, formats.load_node_link(tmp_path / "c.nl.json", g))
 
 
 def test_rendered_svg_of_the_default_circuit_draws_every_node_and_edge(tmp_path):
     """The embedded default's circuit, as `circuits discover` finds it, is really drawn."""
-    from circuits import builtin_tasks, discover
+    from circuits import discover
+    from circuits.tasks import builtin
     model = load_model("induction-2l")
-    setup = evaluation.prepare(model, builtin_tasks.build_task("induction", model, n=32))
+    setup = evaluation.prepare(model, builtin.build_task("induction", model, n=32))
     c = discover.run(setup, "eap-ig-activations").circuit
     assert c.n_edges > 5
     out = render.render(render.to_dot(c, title="t"), tmp_path / "c.svg")

@@ -1,6 +1,5 @@
-"""Scoring methods under one protocol (`base.Method`); importing this package registers them."""
+"""Scoring methods under one protocol (`base.ScoreFn`), listed in a torch-free registry."""
 
-from circuits.methods import scoring  # noqa: F401  (registers the built-in methods)
-from circuits.methods.base import REGISTRY, Method, get, importance_sign, node_scores
+from circuits.methods.registry import REGISTRY, Method, get, register
 
-__all__ = ["REGISTRY", "Method", "get", "importance_sign", "node_scores"]
+__all__ = ["REGISTRY", "Method", "get", "register"]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from circuits.evaluation import Setup
 from circuits.graph import Channel
-from circuits.tasks import Metric
+from circuits.tasks.task import Metric
 
 
 @dataclass(frozen=True)

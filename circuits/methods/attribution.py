@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from circuits import components as C
 from circuits import patching
 from circuits.evaluation import Chunk, Setup
-from circuits.tasks import metric_values
+from circuits.model import components as C
+from circuits.tasks.task import metric_values
 
 
 def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: torch.Tensor,

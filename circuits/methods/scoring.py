@@ -1,4 +1,4 @@
-"""The built-in scoring methods, registered under one protocol."""
+"""The built-in scoring methods (their records are in `registry`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from circuits.evaluation import Setup
 from circuits.methods.attribution import gradient_scores
-from circuits.methods.base import Method, importance_sign, register
+from circuits.methods.base import importance_sign
 from circuits.methods.exact import exact_effects
 
 
@@ -42,14 +42,3 @@ def clean_corrupted(setup: Setup, progress: bool = False) -> torch.Tensor:
 
 def exact(setup: Setup, variants: int = 16, progress: bool = False) -> torch.Tensor:
     return importance_sign(setup) * exact_effects(setup, variants=variants, progress=progress)
-
-
-register(Method("eap", "attribution patching: 2 forwards and 1 backward score every edge", eap))
-register(Method("eap-ig-inputs", "EAP with integrated gradients along interpolated input embeddings",
-                eap_ig_inputs, {"steps": 5}))
-register(Method("eap-ig-activations", "EAP with integrated gradients along interpolated sender outputs "
-                "(every receiver input moves on a straight line)", eap_ig_activations, {"steps": 5}))
-register(Method("clean-corrupted", "gradients averaged over the clean and the corrupted input",
-                clean_corrupted))
-register(Method("exact", "the true patching effect of each edge alone (one batched forward per group)",
-                exact, {"variants": 16}, exact=True))

@@ -51,15 +51,20 @@ def _checkpoint(args) -> str | None:
 
 
 def cmd_discover(args) -> int:
-    from circuits import circuit as circuit_io
-    from circuits import discover, evaluation, patching
-    from circuits.cli import (_examples, _load_model_and_task, _print_json, refuse_overwriting_inputs,
-                              undefined_faithfulness)
-    from circuits.tasks import Metric, TaskError
-
+    from circuits.cli.common import (
+        _examples,
+        _load_model_and_task,
+        _print_json,
+        refuse_overwriting_inputs,
+        undefined_faithfulness,
+    )
     _check_options(args)
     refuse_overwriting_inputs([args.task], [args.out])
     checkpoint = _checkpoint(args)
+
+    from circuits import circuit as circuit_io
+    from circuits import discover, evaluation, patching
+    from circuits.tasks.task import Metric, TaskError
     model, task = _load_model_and_task(args)
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
     if not setup.has_behaviour():
@@ -115,12 +120,13 @@ def cmd_discover(args) -> int:
 
 
 def _ground_truth(model, c, ablation: str) -> dict:
-    from circuits import groundtruth, methods, tracr_models
+    from circuits.graph import node_scores as graph_node_scores
+    from circuits.verify import groundtruth
     g = model.graph
-    truth = tracr_models.shipped_ground_truth(model, ablation)
+    truth = groundtruth.shipped_ground_truth(model, ablation)
     found = c.mask.bool()
     nodes = groundtruth.truth_nodes(g, truth)
-    node_scores = methods.node_scores(g, c.scores)
+    node_scores = graph_node_scores(g, c.scores)
     return {"ablation": ablation, "edges": int(truth.sum()), "found": int((found & truth).sum()),
             "extra": int((found & ~truth).sum()),
             "edge_auroc": round(groundtruth.edge_auroc(g, c.scores, truth), 4),
@@ -134,7 +140,7 @@ def _ground_truth_line(gt: dict) -> str:
 
 
 def add_discover(sub, add_common) -> None:
-    from circuits.cli import ABLATIONS, fraction, non_negative_float, positive_int
+    from circuits.cli.common import ABLATIONS, fraction, non_negative_float, positive_int
     from circuits.methods import REGISTRY
     p = sub.add_parser(
         "discover", help="find the circuit of a model on a task",

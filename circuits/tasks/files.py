@@ -1,4 +1,4 @@
-"""Tasks: clean and corrupted prompts, answers, wrong answers, and the metric.
+"""Task files: our JSONL/CSV rows, and (through `circuits.tasks.mib`) MIB and EAP-IG data.
 
 A task file is JSONL (one object per line) or CSV (a header row) with the fields
 `clean`, `corrupted`, `answer`, `wrong`. `answer` and `wrong` are strings (a single token each,
@@ -12,152 +12,17 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-FIELDS = ("clean", "corrupted", "answer", "wrong")
+from circuits.tasks import mib
+from circuits.tasks.task import FIELDS, Metric, Task, TaskError, from_pairs, pad_id
 
-
-class TaskError(ValueError):
-    """Bad task input; the message names the file line."""
-
-
-class Metric(Enum):
-    LOGIT_DIFF = "logit-diff"   # mean logit of answers − mean logit of wrong answers
-    PROB_DIFF = "prob-diff"     # total probability of answers − of wrong answers
-    LOGPROB = "logprob"         # log of the total probability of the answers
-    KL = "kl"                   # KL(clean run ‖ this run) at the answer position
-    MSE = "mse"                 # mean squared difference from the clean run's logits (numerical outputs)
-
-    @property
-    def is_divergence(self) -> bool:
-        """Distance from the clean run (0 there), per example: it cannot cancel across examples."""
-        return self in (Metric.KL, Metric.MSE)
-
-    @property
-    def higher_is_better(self) -> bool:
-        """False for divergences, where ablating something important raises the metric."""
-        return not self.is_divergence
-
-
-@dataclass(frozen=True, eq=False)
-class Task:
-    """A batch of prompt pairs. Prompts are right-padded; `positions` is each row's last token.
-
-    clean, corrupted: [B, P] long; answers, wrongs: [B, k] long, padded with -1.
-    """
-
-    name: str
-    clean: torch.Tensor
-    corrupted: torch.Tensor
-    answers: torch.Tensor
-    wrongs: torch.Tensor
-    lengths: torch.Tensor
-    metric: Metric = Metric.LOGIT_DIFF
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.lengths - 1
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """[B, P] bool: real tokens (not padding)."""
-        return torch.arange(self.clean.shape[1])[None] < self.lengths[:, None]
-
-    def __len__(self) -> int:
-        return self.clean.shape[0]
-
-    def subset(self, rows) -> "Task":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        P = int(self.lengths[rows].max())
-        return Task(self.name, self.clean[rows, :P], self.corrupted[rows, :P], self.answers[rows],
-                    self.wrongs[rows], self.lengths[rows], self.metric, dict(self.meta))
-
-    def with_metric(self, metric: Metric) -> "Task":
-        return Task(self.name, self.clean, self.corrupted, self.answers, self.wrongs, self.lengths,
-                    metric, dict(self.meta))
-
-
-def _gather_mean(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean of values[b, ids[b, j]] over the non-negative ids of each row."""
-    keep = ids >= 0
-    picked = values.gather(-1, ids.clamp(min=0).expand(*values.shape[:-1], ids.shape[-1]))
-    return (picked * keep).sum(-1) / keep.sum(-1)
-
-
-def metric_values(metric: Metric, logits: torch.Tensor, task: Task,
-                  clean_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-example metric. logits: [V·B, vocab] at the answer positions; returns [V·B] float32."""
-    logits = logits.float()
-    reps = logits.shape[0] // len(task)
-    answers, wrongs = task.answers.repeat(reps, 1).to(logits.device), task.wrongs.repeat(reps, 1).to(logits.device)
-    if metric is Metric.LOGIT_DIFF:
-        return _gather_mean(logits, answers) - _gather_mean(logits, wrongs)
-    logp = logits.log_softmax(-1)
-    if metric is Metric.PROB_DIFF:
-        p = logp.exp()
-        keep_a, keep_w = answers >= 0, wrongs >= 0
-        pa = (p.gather(-1, answers.clamp(min=0)) * keep_a).sum(-1)
-        pw = (p.gather(-1, wrongs.clamp(min=0)) * keep_w).sum(-1)
-        return pa - pw
-    if metric is Metric.LOGPROB:
-        picked = logp.gather(-1, answers.clamp(min=0)).masked_fill(answers < 0, -math.inf)
-        return picked.logsumexp(-1)
-    if clean_logits is None:
-        raise ValueError(f"the {metric.value} metric needs the clean run's logits")
-    if metric is Metric.MSE:
-        return (logits - clean_logits.float().repeat(reps, 1).to(logits.device)).pow(2).mean(-1)
-    ref = clean_logits.float().log_softmax(-1).repeat(reps, 1).to(logits.device)
-    return (ref.exp() * (ref - logp)).sum(-1)
-
-
-def pad_id(tokenizer) -> int:
-    """The id right-padding uses: the tokenizer's pad token, else its EOS, else 0. Models that
-    attend to every position mask their pad token (`Arch.pad_token_id`), so it must be that one."""
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return value
-    return 0
-
-
-# ---- building tasks --------------------------------------------------------------------------
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def from_pairs(name: str, clean: Sequence[Sequence[int]], corrupted: Sequence[Sequence[int]],
-               answers: Sequence[Sequence[int]], wrongs: Sequence[Sequence[int]],
-               metric: Metric = Metric.LOGIT_DIFF, pad_id: int = 0, lines: Sequence[int] | None = None,
-               meta: dict | None = None, source: str | None = None) -> Task:
-    """A task from token-id lists, validated; `lines` numbers rows and `source` (default: the
-    name; the file for a task file) names the input in error messages."""
-    source = source or name
-    if not clean:
-        raise TaskError(f"{source}: no examples")
-    lines = list(lines) if lines is not None else list(range(1, len(clean) + 1))
-    for c, x, ln in zip(clean, corrupted, lines):
-        if len(c) != len(x):
-            raise TaskError(f"{source}, line {ln}: clean has {len(c)} tokens but corrupted has {len(x)}; "
-                            f"patching needs token-aligned pairs")
-        if not c:
-            raise TaskError(f"{source}, line {ln}: empty prompt")
-    if all(list(c) == list(x) for c, x in zip(clean, corrupted)):
-        raise TaskError(f"{source}: clean and corrupted prompts are identical on every line; "
-                        f"a corrupted prompt must differ for patching to measure anything")
-    P = max(len(c) for c in clean)
-    pad = lambda rows: torch.tensor([list(r) + [pad_id] * (P - len(r)) for r in rows], dtype=torch.long)
-    k_a, k_w = max(len(a) for a in answers), max(len(w) for w in wrongs)
-    pad_ids = lambda rows, k: torch.tensor([list(r) + [-1] * (k - len(r)) for r in rows], dtype=torch.long)
-    return Task(name, pad(clean), pad(corrupted), pad_ids(answers, k_a), pad_ids(wrongs, k_w),
-                torch.tensor([len(c) for c in clean], dtype=torch.long), metric, dict(meta or {}))
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -234,14 +99,13 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
               prepend_bos: bool = True, vocab_size: int | None = None,
               counterfactual: str | None = None) -> Task:
     """Read and validate a task file: our JSONL/CSV format, MIB circuit-track rows, or EAP-IG CSV
-    (see `circuits.mib_data`; `counterfactual` picks a MIB counterfactual column)."""
-    from circuits import mib_data
+    (see `circuits.tasks.mib`; `counterfactual` picks a MIB counterfactual column)."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: no such task file")
     rows = _read_rows(path)
     bos = getattr(tokenizer, "bos_token_id", None) if prepend_bos and tokenizer is not None else None
-    imported = mib_data.load(path, rows, tokenizer, counterfactual, bos)
+    imported = mib.load(path, rows, tokenizer, counterfactual, bos)
     if imported is not None:
         _check_vocab(imported, vocab_size, path)
         return imported if metric is None else imported.with_metric(metric)
@@ -310,9 +174,3 @@ def _check_vocab(task: Task, vocab_size: int | None, path: Path) -> None:
                             f"vocabulary (0..{vocab_size - 1})")
 
 
-def check_metric(values: torch.Tensor, task: Task, what: str) -> None:
-    """Refuse NaN metrics, naming the rows."""
-    bad = torch.nonzero(~torch.isfinite(values[: len(task)])).flatten().tolist()
-    if bad:
-        raise TaskError(f"{task.name}: the {task.metric.value} metric is not finite on the {what} run "
-                        f"for row(s) {', '.join(str(b + 1) for b in bad[:10])}")

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 FORMAT = "tl-native"
 SCHEMA_VERSION = 1
@@ -145,7 +144,7 @@ def reference_examples(assembled, program: Program, out_sop: str, n: int = 16, s
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        xs = _sample(program, rng, program.max_seq_len)
+        xs = sample(program, rng, program.max_seq_len)
         res = assembled.apply(["BOS"] + xs)
         final = np.asarray(res.transformer_output)[0, -1]
         labels = list(assembled.residual_labels)
@@ -155,7 +154,7 @@ def reference_examples(assembled, program: Program, out_sop: str, n: int = 16, s
     return out
 
 
-def _sample(program: Program, rng: random.Random, length: int, vocab: list | None = None) -> list:
+def sample(program: Program, rng: random.Random, length: int, vocab: list | None = None) -> list:
     vocab = list(program.vocab) if vocab is None else vocab
     if program.distinct:
         return rng.sample(vocab, length)
@@ -208,149 +207,3 @@ class VocabTokenizer:
 
     def __call__(self, text: str, **_) -> dict:
         return {"input_ids": self.encode(text)}
-
-
-# ---- ground truth ----------------------------------------------------------------------------
-
-def _nonzero(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return (t != 0).any(dim)
-
-
-def _writes(weights, graph) -> torch.Tensor:
-    """[S, d] bool: the residual directions each sender writes."""
-    writes = torch.zeros(graph.n_senders, weights.arch.d_model, dtype=torch.bool)
-    writes[0] = _nonzero(weights.W_E, 0)
-    if weights.W_pos is not None:
-        writes[0] |= _nonzero(weights.W_pos, 0)
-    index = graph.sender_index
-    for layer, lw in enumerate(weights.layers):
-        for h in range(weights.arch.n_heads):
-            writes[index[f"a{layer}.h{h}"]] = _nonzero(lw.W_O[h], 0)
-        if weights.arch.has_mlp:
-            writes[index[f"m{layer}"]] = _nonzero(lw.W_out, 0) | (lw.b_out != 0)
-    return writes
-
-
-def _reads(weights, graph) -> torch.Tensor:
-    """[R, d] bool: the residual directions each receiver reads."""
-    from circuits.graph import Channel
-    reads = torch.zeros(graph.n_receivers, weights.arch.d_model, dtype=torch.bool)
-    for r, rec in enumerate(graph.receivers):
-        if rec.channel is Channel.LOGITS:
-            reads[r] = _nonzero(weights.W_U, 1)
-            continue
-        lw = weights.layers[rec.layer]
-        matrix = {Channel.Q: lw.W_Q[rec.index], Channel.K: lw.W_K[rec.index], Channel.V: lw.W_V[rec.index],
-                  Channel.MLP: lw.W_in}[rec.channel]
-        reads[r] = _nonzero(matrix, 1)
-    return reads
-
-
-def structural_mask(weights, graph) -> torch.Tensor:
-    """[S, R] bool: edges whose sender writes a residual direction the receiver reads.
-
-    Kept only on input→logits paths of such edges.
-    """
-    from circuits.select import prune
-    overlap = _writes(weights, graph).float() @ _reads(weights, graph).float().T > 0
-    return prune(graph, overlap & graph.allowed)
-
-
-def carried(weights, graph, labels: list[str]) -> dict[str, list[str]]:
-    """Per structural edge name: the SOps (residual label prefixes) written by its sender and
-    read by its receiver."""
-    writes, reads = _writes(weights, graph), _reads(weights, graph)
-    out = {}
-    for s, r in torch.nonzero(structural_mask(weights, graph)).tolist():
-        dims = torch.nonzero(writes[s] & reads[r]).flatten().tolist()
-        out[graph.edge_name(s, r)] = sorted({labels[i].split(":")[0] for i in dims})
-    return out
-
-
-def ground_truth(setup, tol: float = 1e-4) -> torch.Tensor:
-    """[S, R] bool: the ground truth on the setup's task, under the setup's ablation.
-
-    Structural edges (`structural_mask`) whose ablation alone changes the output logits of
-    some example by more than `tol`, kept on input→logits paths. Drops edges that carry a
-    direction the program never uses on these inputs, e.g. the query and key of tracr's
-    selector-width head, whose always-true selector gives the same pattern whatever they read.
-    """
-    from circuits.select import prune
-    g = setup.graph
-    structural = structural_mask(setup.model.weights, g)
-    edges = torch.nonzero(structural).tolist()
-    coef = torch.zeros(len(edges), g.n_senders, g.n_receivers, dtype=setup.model.weights.dtype)
-    for i, (s, r) in enumerate(edges):
-        coef[i, s, r] = 1.0
-    keep = torch.zeros_like(structural)
-    for chunk in setup.chunks:
-        patched = setup.logits(coef, chunk).reshape(len(edges), len(chunk.task), -1)
-        change = (patched - chunk.clean_logits[None]).abs().amax((1, 2))
-        for i, (s, r) in enumerate(edges):
-            keep[s, r] |= bool(change[i] > tol)
-    return prune(g, keep)
-
-
-GROUND_TRUTH_DATA = {"task": "tracr", "n": 200, "seed": 0}
-
-
-def ground_truth_record(model) -> dict:
-    """What `tasks/build_tracr.py` writes into meta.json: per ablation (zero, resample), the
-    ground-truth edges on the recorded dataset, and the SOps each structural edge carries."""
-    from circuits import evaluation
-    from circuits.patching import Ablation
-    data = task(model, n=GROUND_TRUTH_DATA["n"], seed=GROUND_TRUTH_DATA["seed"])
-    out = {"dataset": dict(GROUND_TRUTH_DATA),
-           "carries": carried(model.weights, model.graph, model.meta["tracr"]["residual_labels"])}
-    for ablation in (Ablation.ZERO, Ablation.RESAMPLE):
-        mask = ground_truth(evaluation.prepare(model, data, ablation))
-        out[ablation.value] = model.graph.edge_names(mask)
-    return out
-
-
-def shipped_ground_truth(model, ablation: str = "zero") -> torch.Tensor:
-    """[S, R] bool: the ground truth recorded in a shipped tracr model's meta.json."""
-    truth = model.meta.get("tracr", {}).get("ground_truth")
-    if not truth or ablation not in truth:
-        raise ValueError(f"{model.spec} ships no tracr ground truth for {ablation} ablation")
-    return model.graph.mask_from_edges(truth[ablation])
-
-
-# ---- the task --------------------------------------------------------------------------------
-
-def task(model, n: int = 64, seed: int = 0, min_len: int = 2):
-    """The compiled program's own task: BOS + random inputs of min_len..max_seq_len values,
-    scored at the last position (padding is masked out of attention, as tracr does).
-
-    Categorical programs: answer = the program's output token, wrong = the other output values,
-    metric KL to the clean run. Numerical programs (proportion): metric MSE to the clean output.
-    Corrupted prompts are other random inputs of the same length (used by resample ablation).
-    """
-    from circuits.tasks import Metric, TaskError, from_pairs
-    tr = model.meta.get("tracr")
-    if not tr:
-        raise TaskError(f"the tracr task needs a tracr-compiled model (tracr-reverse, tracr-proportion, "
-                        f"tracr-sort); {model.spec} is not one")
-    program = PROGRAMS[tr["program"]]
-    vocab = [v for v in tr["input_vocab"] if v not in (tr["bos"], tr["pad"])]
-    rng = random.Random(seed)
-    enc = model.tokenizer.encode
-    clean, corrupted, answers, wrongs = [], [], [], []
-    for _ in range(n):
-        length = rng.randint(min_len, tr["max_seq_len"])
-        xs, ys = _sample(program, rng, length, vocab), _sample(program, rng, length, vocab)
-        clean.append(enc(" ".join([tr["bos"]] + xs)))
-        corrupted.append(enc(" ".join([tr["bos"]] + ys)))
-        out = program.reference(xs)
-        if tr["categorical"]:
-            answer = tr["output_vocab"].index(str(out))
-            answers.append([answer])
-            wrongs.append([i for i in range(len(tr["output_vocab"])) if i != answer])
-        else:
-            answers.append([0])
-            wrongs.append([])
-    metric = Metric.KL if tr["categorical"] else Metric.MSE
-    return from_pairs(f"tracr-{program.name}", clean, corrupted, answers, wrongs, metric,
-                      pad_id=model.tokenizer.pad_token_id,
-                      meta={"generator": "tracr", "program": program.name, "n": n, "seed": seed,
-                            "ground_truth_ablations": ["zero", "resample"]})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from circuits.circuit import Circuit
-from circuits.render import to_dot
+from circuits.io.render import to_dot
 
 SHARED, ONLY_A, ONLY_B = "#9ae6b4", "#90cdf4", "#fbb6ce"
 

@@ -26,13 +26,15 @@ import torch
 from torch import nn
 
 from circuits import graph as graph_mod
-from circuits.adapters import UnsupportedModel, Weights, extract
+from circuits.errors import CircuitsError
 from circuits.graph import Channel, Graph
+from circuits.model import tracr
+from circuits.model.adapters import UnsupportedModel, Weights, extract
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_DIR = Path(__file__).parent.parent / "builtin"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CircuitsError, RuntimeError):
     """A spec could not be turned into a model; the message says what to do instead."""
 
 
@@ -166,16 +168,16 @@ def _wrap(spec: str, module_or_bridge: Any, tokenizer, meta: dict, check: bool) 
 def _load_native_dir(spec: str, path: Path, meta: dict, check: bool, dtype) -> Model:
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-    from circuits import tracr_models
     try:
-        module, cfg = tracr_models.load_native(path, meta, dtype)
+        module, cfg = tracr.load_native(path, meta, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelLoadError(f"could not load the native model in {path}: {err}") from None
     module.eval()
     weights = extract(module)                 # before bridging: the bridge swaps submodules
-    tracr = meta.get("tracr", {})
-    tokenizer = tracr_models.VocabTokenizer(tracr["input_vocab"], tracr.get("bos"), tracr.get("pad")) if tracr else None
-    if tracr:                                 # tracr masks its padding out of attention; so do we
+    tracr_meta = meta.get("tracr", {})
+    tokenizer = (tracr.VocabTokenizer(tracr_meta["input_vocab"], tracr_meta.get("bos"), tracr_meta.get("pad"))
+                 if tracr_meta else None)
+    if tracr_meta:                            # tracr masks its padding out of attention; so do we
         weights.arch = dataclasses.replace(weights.arch, pad_token_id=tokenizer.pad_token_id)
     bridge = build_bridge_from_module(module, architecture="TransformerLensNative", tl_config=cfg,
                                       model_name=spec)

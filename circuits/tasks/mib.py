@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from circuits.tasks import Metric, Task, TaskError, from_pairs, pad_id
+from circuits.tasks.task import Metric, Task, TaskError, from_pairs, pad_id
 
 DEFAULT_COUNTERFACTUAL = {"ioi": "s2_io_flip_counterfactual", "multiple-choice": "symbol_counterfactual",
                           "arithmetic": "random_counterfactual"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from circuits.adapters import ACTIVATIONS, Arch, LayerWeights, Norm
+from circuits.model.adapters import ACTIVATIONS, Arch, LayerWeights, Norm
 
 
 def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from circuits.cli import refuse_overwriting_inputs
+from circuits.cli.common import refuse_overwriting_inputs
 
 EXPORT_FORMATS = ("json", "mib-json", "mib-pt", "graphml", "node-link", "dot")
 
@@ -27,10 +27,18 @@ def _minimality_line(mini: dict) -> str:
 
 def cmd_verify(args) -> int:
     from circuits import circuit as circuit_io
-    from circuits import evaluation, patching, verify
-    from circuits.cli import (EXIT_BAR, _load_model_and_task, _print_json, ablation_for, note_other_model,
-                              plural, undefined_faithfulness)
-    from circuits.tasks import TaskError
+    from circuits import evaluation, patching
+    from circuits.cli.common import (
+        EXIT_BAR,
+        _load_model_and_task,
+        _print_json,
+        ablation_for,
+        note_other_model,
+        plural,
+        undefined_faithfulness,
+    )
+    from circuits.tasks.task import TaskError
+    from circuits.verify import checks
 
     if args.out:
         refuse_overwriting_inputs([args.circuit, args.task], [args.out])
@@ -42,19 +50,19 @@ def cmd_verify(args) -> int:
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     mask = circ.mask & model.graph.allowed
-    empty, full = verify.baselines(setup)
+    empty, full = checks.baselines(setup)
     m_c = setup.metric(mask).mean().item()
     report = {"circuit": args.circuit, "model": args.model, "task": task.name, "metric": task.metric.value,
               "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": model.graph.n_edges,
               "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
     if circ.scores is not None:
-        points = verify.faithfulness_curve(setup, circ.scores)
-        cpr, cmd = verify.cpr_cmd(points)
+        points = checks.faithfulness_curve(setup, circ.scores)
+        cpr, cmd = checks.cpr_cmd(points)
         report["curve"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
-    report["completeness"] = verify.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed)
-    report["minimality"] = verify.minimality(setup, mask)
-    report["ablation_sensitivity"] = verify.ablation_sensitivity(setup, mask)
+    report["completeness"] = checks.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed)
+    report["minimality"] = checks.minimality(setup, mask)
+    report["ablation_sensitivity"] = checks.ablation_sensitivity(setup, mask)
     if args.stability > 0:
         method = circ.provenance.get("method")
         params = circ.provenance.get("parameters", {})
@@ -68,7 +76,7 @@ def cmd_verify(args) -> int:
 
             def rediscover(boot):
                 return select.prune(boot.graph, select.top_n(boot.graph, spec.score(boot, **kwargs), n))
-            report["stability"] = verify.stability(setup, mask, rediscover, n_boot=args.stability, seed=args.seed)
+            report["stability"] = checks.stability(setup, mask, rediscover, n_boot=args.stability, seed=args.seed)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     if args.json:
@@ -104,8 +112,8 @@ def _render_outputs(output: str) -> list[Path]:
 
 def cmd_render(args) -> int:
     from circuits import circuit as circuit_io
-    from circuits import render
-    from circuits.cli import plural
+    from circuits.cli.common import plural
+    from circuits.io import render
     refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
     circ = circuit_io.load(args.circuit)
     title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({plural(circ.n_edges, 'edge')})"
@@ -116,12 +124,12 @@ def cmd_render(args) -> int:
 
 def cmd_export(args) -> int:
     from circuits import circuit as circuit_io
-    from circuits import io, render
+    from circuits.io import formats, render
     refuse_overwriting_inputs([args.circuit], [args.output])
     circ = circuit_io.load(args.circuit)
     fmt = args.format
-    writers = {"json": circuit_io.save, "mib-json": io.save_mib_json, "mib-pt": io.save_mib_pt,
-               "graphml": io.save_graphml, "node-link": io.save_node_link,
+    writers = {"json": circuit_io.save, "mib-json": formats.save_mib_json, "mib-pt": formats.save_mib_pt,
+               "graphml": formats.save_graphml, "node-link": formats.save_node_link,
                "dot": lambda c, p: Path(p).write_text(render.to_dot(c))}
     writers[fmt](circ, args.output)
     print(f"wrote {args.output} ({fmt})")
@@ -130,11 +138,12 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from circuits import circuit as circuit_io
-    from circuits import io, models
-    from circuits.cli import plural
+    from circuits.cli.common import plural
+    from circuits.io import formats
+    from circuits.model import loader
     refuse_overwriting_inputs([args.file], [args.output])
-    model = models.load(args.model, seed=args.seed)
-    readers = {"mib": io.load_mib, "graphml": io.load_graphml, "node-link": io.load_node_link}
+    model = loader.load(args.model, seed=args.seed)
+    readers = {"mib": formats.load_mib, "graphml": formats.load_graphml, "node-link": formats.load_node_link}
     circ = readers[args.format](args.file, model.graph)
     circ = circuit_io.Circuit(circ.graph, circ.mask, circ.scores, {**circ.provenance, "model": args.model})
     circuit_io.save(circ, args.output)
@@ -144,8 +153,8 @@ def cmd_import(args) -> int:
 
 def cmd_compare(args) -> int:
     from circuits import circuit as circuit_io
-    from circuits import compare, render
-    from circuits.cli import _print_json
+    from circuits.cli.common import _print_json
+    from circuits.io import compare, render
     if len(args.circuits) < 2:
         raise ValueError("compare needs at least two circuit files")
     if args.output:
@@ -166,8 +175,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from circuits.builtin_tasks import TASKS, example_pair
-    from circuits.cli import _print_json
+    from circuits.cli.common import _print_json
+    from circuits.tasks.builtin import TASKS, example_pair
     rows = []
     for name, spec in TASKS.items():
         rows.append({"name": name, "description": spec.description, "example": example_pair(name)})
@@ -185,7 +194,7 @@ def cmd_tasks(args) -> int:
 
 
 def add_tools(sub, add_common) -> None:
-    from circuits.cli import ABLATIONS, non_negative_int
+    from circuits.cli.common import ABLATIONS, non_negative_int
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("verify", help="faithfulness, curve (CPR/CMD), completeness, minimality, ablations, stability",
                        epilog="example: circuits verify circuit.json induction-2l induction --min-faithfulness 0.8",

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from circuits.circuit import Circuit
+from circuits.errors import CircuitsError
 from circuits.graph import Channel
 
 FORMATS = ("svg", "png", "pdf")
 POSITIVE, NEGATIVE, NEUTRAL = "#2b6cb0", "#c53030", "#555555"
 
 
-class RenderError(RuntimeError):
+class RenderError(CircuitsError, RuntimeError):
     """No renderer available, or the renderer failed."""
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from circuits.errors import CircuitsError
+
 
 class Norm(Enum):
     LAYER = "layer"          # LayerNorm with gain and bias
@@ -135,7 +137,7 @@ class Weights:
         return self.W_E.dtype
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(CircuitsError, ValueError):
     """The engine cannot run this architecture; the message names what is missing."""
 
 

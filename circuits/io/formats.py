@@ -19,7 +19,6 @@ import torch
 from circuits.circuit import Circuit, CircuitFileError, edges_from_dict
 from circuits.graph import Channel, Graph
 
-
 # What each reader expects, for error messages about a file in another format.
 MIB_EXPECTED = "an MIB circuit (JSON with cfg, nodes and edges, or the .pt file torch.save writes)"
 GRAPHML_EXPECTED = "a GraphML circuit (as `circuits export --format graphml` writes)"

@@ -1,0 +1,2 @@
+"""Circuits out of the engine: file formats (`formats`), diagrams (`render`), comparisons
+(`compare`)."""

@@ -1,0 +1,2 @@
+"""Verification of circuits by real interventions (`checks`) and against known ground
+truth (`groundtruth`)."""
