@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.graph import Graph
+from circuits.graph import Channel, Graph
 
 SCHEMA = "circuits.circuit"
 SCHEMA_VERSION = 1
@@ -41,6 +41,62 @@ class Circuit:
     def node_names(self) -> list[str]:
         nodes = self.graph.node_mask(self.mask)
         return [n for n, keep in zip(self.graph.nodes, nodes.tolist()) if keep]
+
+
+def kv_group_label(graph: Graph, layer: int, group: int) -> str:
+    """`a23.kv1 (h3,h4,h5)`: a KV group under GQA names the query heads that share it."""
+    per = graph.arch.n_heads // graph.arch.n_kv_heads
+    return f"a{layer}.kv{group} (" + ",".join(f"h{h}" for h in range(group * per, (group + 1) * per)) + ")"
+
+
+def components(circuit: Circuit, top: int = 8) -> dict:
+    """What a circuit is made of, by kind, and its strongest components.
+
+    heads: heads that send an edge or receive one into q (into k/v too without GQA); kv_groups
+    (GQA only): KV groups whose k/v inputs receive an edge — shared by the group's query heads, so
+    not counted as a find of each head; mlps; edges by receiver kind; top: the `top` components by
+    summed |score| of the circuit's edges into and out of them (by edge count without scores).
+    """
+    g = circuit.graph
+    mask = circuit.mask.bool() & g.allowed
+    weight = (circuit.scores.abs().float() if circuit.scores is not None else torch.ones(mask.shape)) * mask
+    out_w = weight.sum(1)                       # [S]
+    in_w = weight.sum(0)                        # [R]
+    grouped = g.arch.grouped
+    score: dict[str, float] = {}
+    heads, groups, mlps = set(), {}, set()
+    for s in torch.nonzero(mask.any(1)).flatten().tolist():
+        name = g.senders[s]
+        if name != "input":
+            score[name] = score.get(name, 0.0) + float(out_w[s])
+    for r in torch.nonzero(mask.any(0)).flatten().tolist():
+        rec = g.receivers[r]
+        if rec.channel is Channel.LOGITS:
+            continue
+        name = rec.node
+        if grouped and rec.channel in (Channel.K, Channel.V):
+            name = kv_group_label(g, rec.layer, rec.index)
+            groups[name] = [g.senders[n] for n in g.receiver_nodes(r)]
+        score[name] = score.get(name, 0.0) + float(in_w[r])
+    for name in score:
+        if name.startswith("m"):
+            mlps.add(name)
+        elif name not in groups:
+            heads.add(name)
+    by_receiver = {ch.value: 0 for ch in Channel}
+    for r, n in enumerate(mask.sum(0).tolist()):
+        by_receiver[g.receivers[r].channel.value] += n
+    by_receiver = {k: v for k, v in by_receiver.items() if v}
+    ranked = sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))
+    order = lambda names: sorted(names, key=lambda n: g.nodes.index(n) if n in g.nodes else 0)
+    return {"heads": order(heads), "kv_groups": {k: groups[k] for k in sorted(groups, key=_layer_key)},
+            "mlps": order(mlps), "edges_by_receiver": by_receiver,
+            "top": [{"component": k, "score": v} for k, v in ranked[:top]]}
+
+
+def _layer_key(label: str) -> tuple[int, int]:
+    layer, rest = label[1:].split(" ")[0].split(".")
+    return int(layer), int(rest.lstrip("hkv"))
 
 
 def arch_summary(graph: Graph) -> dict:

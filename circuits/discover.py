@@ -44,8 +44,9 @@ class Discovery:
     details: dict = field(default_factory=dict)
 
 
-def _apply(setup: Setup, scores: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, int | None]:
-    """(mask, edges selected before pruning; None for the faithfulness target)."""
+def _apply(setup: Setup, scores: torch.Tensor, sel: Selection,
+           progress: bool = False) -> tuple[torch.Tensor, int | None, Search | None]:
+    """(mask, edges selected before pruning, the search when the faithfulness target chose it)."""
     g = setup.graph
     if sel.top_n is not None:
         mask = select.top_n(g, scores, sel.top_n)
@@ -54,43 +55,122 @@ def _apply(setup: Setup, scores: torch.Tensor, sel: Selection) -> tuple[torch.Te
     elif sel.greedy is not None:
         mask = select.greedy(g, scores, sel.greedy)
     else:
-        return smallest_faithful(setup, scores, sel.target_faithfulness, sel.prune), None
+        found = smallest_faithful(setup, scores, sel.target_faithfulness, sel.prune, progress=progress)
+        return found.mask, found.n, found
     selected = int((mask & g.allowed).sum())
-    return (select.prune(g, mask) if sel.prune else mask), selected
+    return (select.prune(g, mask) if sel.prune else mask), selected, None
 
 
-def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: bool = True) -> torch.Tensor:
-    """The smallest top-n circuit (by |score|) whose measured faithfulness reaches target.
+def search_tolerance(n_edges: int) -> int:
+    """How close (in edges) the faithfulness search brackets the smallest faithful size: 1% of the
+    graph, at least one edge. Finer steps change the circuit by a sliver and cost a forward each."""
+    return max(1, n_edges // 100)
 
-    Faithfulness is not monotone in n, so this bisects on a monotone envelope: the first n on a
-    doubling grid that reaches the target, then bisection between it and the previous grid point.
+
+@dataclass(frozen=True)
+class Search:
+    """The faithfulness-target search's answer and the evaluations it spent.
+
+    n: edges selected (before pruning) of the circuit returned; metric: its mean metric;
+    tried: (n, faithfulness) in the order evaluated."""
+
+    mask: torch.Tensor
+    n: int
+    metric: float | None
+    faithfulness: float
+    tolerance: int
+    tried: tuple[tuple[int, float], ...]
+
+
+def _first_guess(scores: torch.Tensor, allowed: torch.Tensor, target: float, lo: int, hi: int) -> int:
+    """A cheap starting size: the top-n holding `target` of the total |score| mass."""
+    mags = torch.sort(scores[allowed].abs().float(), descending=True).values
+    total = float(mags.sum())
+    if not total > 0:
+        return hi
+    n = int(torch.searchsorted(torch.cumsum(mags, 0), torch.tensor(target * total)).item()) + 1
+    return min(max(n, lo), hi)
+
+
+def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: bool = True,
+                      tolerance: int | None = None, progress: bool = False) -> Search:
+    """The smallest top-n circuit (by |score|) whose measured faithfulness reaches `target`,
+    to within `tolerance` edges (default `search_tolerance`): the answer n reaches it and n − tol
+    (or the last size below n that was measured) does not.
+
+    A bracketing search on the sorted scores: start at the size holding `target` of the |score|
+    mass, step by ×4 to bracket the crossing, then interpolate on log n between the bracket's
+    faithfulness values (regula falsi, with a bisection step whenever interpolation stalls). Sizes
+    are multiples of the tolerance, so no circuit below it is ever evaluated; each size is
+    evaluated once. Faithfulness is not strictly monotone in n; the search assumes it is between
+    the measured points.
     """
+    from tqdm.auto import tqdm
     g = setup.graph
+    tol = tolerance or search_tolerance(g.n_edges)
 
     def mask_for(n: int) -> torch.Tensor:
         m = select.top_n(g, scores, n)
         return select.prune(g, m) if prune else m
 
-    empty = setup.metric(g.empty_mask()).mean().item()
+    empty = setup.empty_metric()
     full = setup.clean_metric().mean().item()
-    if behaviour_gap(full, empty) is None:
-        return mask_for(1)          # nothing to explain: no size is more faithful than another
+    if behaviour_gap(full, empty) is None:      # nothing to explain: no size is more faithful than another
+        return Search(mask_for(tol), tol, None, float("nan"), tol, ())
 
-    def faithful(n: int) -> bool:
-        return normalized_faithfulness(setup.metric(mask_for(n)).mean().item(), empty, full) >= target
+    grid = lambda n: min(g.n_edges, max(tol, -(-n // tol) * tol))   # round up onto the tolerance grid
+    seen: dict[int, tuple[float, float]] = {}
+    bar = tqdm(desc=f"faithfulness search (target {target:g}, ±{tol} edges)", unit="eval", disable=not progress)
 
-    hi = 1
-    while hi < g.n_edges and not faithful(hi):
-        hi *= 2
-    hi = min(hi, g.n_edges)
-    lo = hi // 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if faithful(mid):
-            hi = mid
+    def f(n: int) -> float:
+        if n not in seen:
+            m = setup.metric(mask_for(n)).mean().item()
+            seen[n] = (m, normalized_faithfulness(m, empty, full))
+            bar.update(1)
+            bar.set_postfix(n=n, f=f"{seen[n][1]:.3f}", refresh=False)
+        return seen[n][1]
+
+    ok = lambda n: f(n) >= target
+    n = grid(_first_guess(scores, g.allowed, target, tol, g.n_edges))
+    if ok(n):
+        hi, lo = n, None
+        while hi > tol:
+            down = grid(hi // 4)
+            if not ok(down):
+                lo = down
+                break
+            hi = down
+    else:
+        lo, hi = n, None
+        while lo < g.n_edges:
+            up = grid(lo * 4)
+            if ok(up):
+                hi = up
+                break
+            lo = up
+    if hi is None:                              # even the whole graph falls short
+        hi = g.n_edges
+    stuck, last = 0, ""                         # steps in a row that moved the same end
+    while lo is not None and hi - lo > tol:
+        f_lo, f_hi = f(lo), f(hi)
+        if stuck >= 2 or not f_hi > f_lo:
+            mid = grid((lo + hi) // 2)          # interpolation stalls: bisect
         else:
-            lo = mid
-    return mask_for(hi)
+            t = min(max((target - f_lo) / (f_hi - f_lo), 0.0), 1.0)
+            mid = grid(int(lo * (hi / lo) ** t))    # faithfulness is closer to linear in log n
+            mid = min(max(mid, grid(lo + 1)), hi - tol)
+        if not lo < mid < hi:
+            break
+        if ok(mid):
+            stuck = stuck + 1 if last == "hi" else 1
+            hi, last = mid, "hi"
+        else:
+            stuck = stuck + 1 if last == "lo" else 1
+            lo, last = mid, "lo"
+    bar.close()
+    m, faith = seen[hi] if hi in seen else (None, float("nan"))
+    tried = tuple((k, v[1]) for k, v in seen.items())
+    return Search(mask_for(hi), hi, m, faith, tol, tried)
 
 
 HYBRID_CANDIDATE_FAITHFULNESS = 0.95
@@ -105,6 +185,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
     t0 = time.perf_counter()
     params: dict = {}
     details: dict = {}
+    known_metric = None                 # the circuit's metric when the search already measured it
     if method in ("acdc", "hybrid"):
         tau = 0.01 if tau is None else tau
         if acdc_metric is None:       # ACDC's own choice, KL, unless the task's metric is a divergence
@@ -115,7 +196,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             scores0 = methods.get("eap-ig-activations").score(setup, steps=steps or 5)
             if candidates is None:
                 # a superset that already carries the behaviour: ACDC only has to thin it out
-                start_mask = smallest_faithful(setup, scores0, HYBRID_CANDIDATE_FAITHFULNESS, prune=False)
+                start_mask = smallest_faithful(setup, scores0, HYBRID_CANDIDATE_FAITHFULNESS, prune=False,
+                                               progress=progress).mask
             else:
                 start_mask = select.top_n(g, scores0, candidates)
             n_cand = int((start_mask & g.allowed).sum())
@@ -133,12 +215,15 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             kwargs["steps"] = steps
         params = dict(kwargs)
         scores = spec.score(setup, progress=progress, **kwargs)
-        mask, selected = _apply(setup, scores, selection)
+        mask, selected, search = _apply(setup, scores, selection, progress)
         params["selection"] = selection.describe()
-        if selected is not None:
-            details = {"selected_before_pruning": selected}
+        details = {"selected_before_pruning": selected}
+        if search is not None:
+            known_metric = search.metric
+            details["search"] = {"evaluations": len(search.tried), "tolerance_edges": search.tolerance,
+                                 "tried": [{"n": n, "faithfulness": f} for n, f in search.tried]}
     seconds = time.perf_counter() - t0
-    faith = setup.faithfulness(mask)
+    faith = setup.faithfulness(mask, known_metric)
     prov = {"model": setup.model.spec, "task": {"name": setup.task.name, **setup.task.meta,
                                                  "examples": len(setup.task)},
             "metric": setup.task.metric.value, "ablation": setup.ablation.value, "method": method,

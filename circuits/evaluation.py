@@ -56,6 +56,8 @@ class Setup:
     task: Task
     ablation: Ablation
     chunks: tuple[Chunk, ...]
+    # m(∅) per metric: every faithfulness needs it, and it costs a forward over all examples
+    _empty: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def graph(self):
@@ -106,18 +108,25 @@ class Setup:
                 base = patching.run(w, g, c.task.clean.to(w.device), positions=c.task.positions,
                                     coef=self.coef(mask), ablated=c.ablated, record=True)
             chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits))
-        return dataclasses.replace(self, chunks=tuple(chunks))
+        return dataclasses.replace(self, chunks=tuple(chunks), _empty=self._empty)
+
+    def empty_metric(self, metric: Metric | None = None) -> float:
+        """Mean metric of the empty circuit (every edge ablated), computed once per metric."""
+        metric = metric or self.task.metric
+        if metric not in self._empty:
+            self._empty[metric] = self.metric(self.graph.empty_mask(), metric).mean().item()
+        return self._empty[metric]
 
     def has_behaviour(self) -> bool:
         """False when ablating every edge leaves the metric as it is clean: nothing to explain,
         and faithfulness (a ratio over that difference) is undefined."""
-        empty = self.metric(self.graph.empty_mask()).mean().item()
-        return behaviour_gap(self.clean_metric().mean().item(), empty) is not None
+        return behaviour_gap(self.clean_metric().mean().item(), self.empty_metric()) is not None
 
-    def faithfulness(self, mask: torch.Tensor) -> dict:
-        """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means."""
-        m_c = self.metric(mask).mean().item()
-        m_empty = self.metric(self.graph.empty_mask()).mean().item()
+    def faithfulness(self, mask: torch.Tensor, m_circuit: float | None = None) -> dict:
+        """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means.
+        m_circuit: the circuit's mean metric when already measured (saves a forward)."""
+        m_c = self.metric(mask).mean().item() if m_circuit is None else m_circuit
+        m_empty = self.empty_metric()
         m_full = self.clean_metric().mean().item()
         return {"circuit": m_c, "empty": m_empty, "model": m_full,
                 "faithfulness": normalized_faithfulness(m_c, m_empty, m_full)}

@@ -190,11 +190,34 @@ def test_readers_refuse_a_circuit_of_another_model_naming_the_file(tmp_path, sav
         reader(path, other.graph)
 
 
-def test_mib_refuses_grouped_query_models():
+def test_mib_round_trips_grouped_query_models_with_per_head_names(tmp_path):
+    """Under GQA a KV group's k/v edge is written once per query head (MIB's names) and read back
+    as one edge: in the circuit when any head's copy is, with their mean score."""
     model = load_model("random:llama-tiny")
-    c = circuit_io.Circuit(model.graph, model.graph.full_mask(), None, {})
-    with pytest.raises(circuit_io.CircuitFileError, match="grouped-query"):
-        formats.to_mib(c)
+    g = model.graph
+    assert g.arch.grouped
+    scores = torch.randn(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1)) * g.allowed
+    c = circuit_io.Circuit(g, select.top_n(g, scores, g.n_edges // 3), scores, {})
+    per = g.arch.n_heads // g.arch.n_kv_heads
+    data = formats.to_mib(c)
+    kv_edges = sum(int(g.n_inputs[r]) for r, rec in enumerate(g.receivers) if rec.channel.value in "kv")
+    assert len(data["edges"]) == g.n_edges + (per - 1) * kv_edges
+    s, r = g.edge("input->a1.kv1<k>")
+    for h in range(per, 2 * per):                  # the group's query heads share the edge
+        assert data["edges"][f"input->a1.h{h}<k>"] == {"score": float(scores[s, r]), "in_graph": bool(c.mask[s, r])}
+    assert not any(".kv" in name for name in data["edges"])
+    formats.save_mib_json(c, tmp_path / "c.json")
+    same(c, formats.load_mib(tmp_path / "c.json", g))
+    formats.save_mib_pt(c, tmp_path / "c.pt")
+    d = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert "a1.h3<v>" in d["dst_nodes"] and d["edges_scores"].shape == (g.n_senders, len(d["dst_nodes"]))
+    same(c, formats.load_mib(tmp_path / "c.pt", g))
+    # a file whose heads disagree: any head in the circuit puts the group in; scores averaged
+    data["edges"]["input->a1.h2<k>"] = {"score": 1.0, "in_graph": True}
+    data["edges"]["input->a1.h3<k>"] = {"score": 3.0, "in_graph": False}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    back = formats.load_mib(tmp_path / "d.json", g)
+    assert bool(back.mask[s, r]) and float(back.scores[s, r]) == 2.0
 
 
 @pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny"])

@@ -55,6 +55,7 @@ def cmd_discover(args) -> int:
         _examples,
         _load_model_and_task,
         _print_json,
+        plural,
         refuse_overwriting_inputs,
         undefined_faithfulness,
     )
@@ -87,6 +88,7 @@ def cmd_discover(args) -> int:
                "metric": task.metric.value, "ablation": args.ablation, "method": args.method,
                "edges": c.n_edges, "total_edges": model.graph.n_edges,
                "nodes": [n for n in c.node_names() if n not in ("input", "logits")],
+               "components": circuit_io.components(c),
                "faithfulness": found.faithfulness["faithfulness"], "seconds": round(found.seconds, 2),
                "out": args.out, **found.details}
     if roles:
@@ -103,9 +105,14 @@ def cmd_discover(args) -> int:
     pruned = f"; {selected - c.n_edges} of {selected} selected pruned off input→logits paths" \
         if selected is not None and selected > c.n_edges else ""
     print(f"circuit: {c.n_edges} of {model.graph.n_edges} edges "
-          f"({100 * c.n_edges / model.graph.n_edges:.1f}%){pruned}, "
-          f"components: {', '.join(summary['nodes']) or '-'}")
-    print(f"faithfulness {summary['faithfulness']:.3f}   time {found.seconds:.1f}s   written to {args.out}")
+          f"({100 * c.n_edges / model.graph.n_edges:.1f}%){pruned}")
+    for line in _component_lines(summary["components"]):
+        print(line)
+    search = found.details.get("search")
+    how = f" (search: {plural(search['evaluations'], 'evaluation')}, ±{plural(search['tolerance_edges'], 'edge')})" \
+        if search else ""
+    print(f"faithfulness {summary['faithfulness']:.3f}{how}   time {found.seconds:.1f}s   written to {args.out}"
+          f"{'' if c.n_edges <= 12 else ' (every edge and component: there, or --json)'}")
     if args.method in SEARCH and summary["faithfulness"] < 0.5:
         print(f"note: ACDC kept only edges whose removal moves {found.circuit.provenance['parameters']['acdc_metric']} "
               f"by more than --tau {found.circuit.provenance['parameters']['tau']}; a smaller --tau"
@@ -117,6 +124,24 @@ def cmd_discover(args) -> int:
     if "ground_truth" in summary:
         print(_ground_truth_line(summary["ground_truth"]))
     return 0
+
+
+def _component_lines(comp: dict, width: int = 8) -> list[str]:
+    """Two lines at any scale: counts by kind (and every name when there are few), the strongest."""
+    from circuits.cli.common import plural
+    names = comp["heads"] + list(comp["kv_groups"]) + comp["mlps"]
+    counts = [plural(len(comp["heads"]), "head")] + \
+        ([plural(len(comp["kv_groups"]), "KV group")] if comp["kv_groups"] else []) + \
+        [plural(len(comp["mlps"]), "MLP")]
+    edges = ", ".join(f"{k} {v}" for k, v in comp["edges_by_receiver"].items())
+    lines = [f"components: {', '.join(counts)}; edges into {edges or '-'}"]
+    if not names:
+        return lines
+    if len(names) <= width:
+        lines.append("  " + ", ".join(names))
+    else:
+        lines.append("  strongest: " + ", ".join(f"{t['component']} {t['score']:.3g}" for t in comp["top"]))
+    return lines
 
 
 def _ground_truth(model, c, ablation: str) -> dict:

@@ -5,6 +5,12 @@ MIB layout (as the MIB circuit track and EAP-IG read it): `cfg` (n_layers, n_hea
 parallel_attn_mlp, d_model), `nodes` {name: {in_graph}}, `edges` {name: {score, in_graph}};
 the .pt file holds the same as dense [n_forward, n_backward] tensors with `src_nodes` and
 `dst_nodes` naming rows and columns — exactly this project's sender/receiver index.
+
+Grouped-query attention: MIB names k and v inputs per query head (`a3.h4<k>`); this graph has one
+k and one v receiver per KV group (`a3.kv1<k>`), read by all of the group's query heads. Export
+writes each group edge once per query head of the group with the same score and in_graph (the
+heads read one shared input); import reads a group edge as in the circuit when any of its heads'
+edges is, with the mean of their scores. Export then import gives back the same circuit.
 """
 
 from __future__ import annotations
@@ -29,9 +35,6 @@ NODE_LINK_EXPECTED = "a node-link JSON circuit (as `circuits export --format nod
 
 def _check_mib_expressible(graph: Graph) -> None:
     a = graph.arch
-    if a.grouped:
-        raise CircuitFileError("the MIB format has no grouped-query (per-KV-head) receivers; "
-                               "use the circuits JSON, networkx or GraphML export for this model")
     if a.attn_only:
         raise CircuitFileError("the MIB format assumes an MLP in every layer; this model is attention-only")
 
@@ -42,15 +45,69 @@ def mib_cfg(graph: Graph) -> dict:
             "d_model": a.d_model}
 
 
+def mib_receivers(graph: Graph) -> tuple[list[str], torch.Tensor]:
+    """MIB's receiver names and, for each, the column of this graph it reads ([R_mib] long).
+    The identity without GQA; under GQA every query head gets its own k and v name, all reading
+    their KV group's column."""
+    if not graph.arch.grouped:
+        return [r.name for r in graph.receivers], torch.arange(graph.n_receivers)
+    per = graph.arch.n_heads // graph.arch.n_kv_heads
+    names, cols = [], []
+    for r, rec in enumerate(graph.receivers):       # per layer: q of each head, k of each, v of each
+        if rec.channel in (Channel.K, Channel.V):
+            for h in range(rec.index * per, (rec.index + 1) * per):
+                names.append(f"a{rec.layer}.h{h}<{rec.channel.value}>")
+                cols.append(r)
+        else:
+            names.append(rec.name)
+            cols.append(r)
+    return names, torch.tensor(cols)
+
+
+def _group_mib_edges(edges: dict, graph: Graph, source: str) -> dict:
+    """MIB edges named per query head → this graph's names: under GQA each KV group's edge is in
+    the circuit when any head's copy is, with the mean of their scores."""
+    if not graph.arch.grouped:
+        return edges
+    per = graph.arch.n_heads // graph.arch.n_kv_heads
+    grouped: dict[str, list] = {}
+    out = {}
+    for name, edge in edges.items():
+        sender, _, receiver = name.partition("->")
+        if receiver.endswith(("<k>", "<v>")) and ".h" in receiver:
+            layer, rest = receiver[1:].split(".h")
+            head, ch = rest[:-3], rest[-2]
+            try:
+                group = int(head) // per
+            except ValueError:
+                raise CircuitFileError(f"{source}: no edge named {name!r} in this graph") from None
+            grouped.setdefault(f"{sender}->a{layer}.kv{group}<{ch}>", []).append(edge)
+        else:
+            out[name] = edge
+    for name, copies in grouped.items():
+        if not all(isinstance(e, dict) for e in copies):
+            out[name] = next(e for e in copies if not isinstance(e, dict))   # edges_from_dict says why
+            continue
+        scores = [e.get("score") for e in copies if e.get("score") is not None]
+        try:
+            score = float(sum(float(x) for x in scores) / len(scores)) if scores else None
+        except (TypeError, ValueError):
+            score = next(x for x in scores if not isinstance(x, (int, float)))
+        out[name] = {"score": score, "in_graph": any(bool(e.get("in_graph", False)) for e in copies)}
+    return out
+
+
 def to_mib(circuit: Circuit) -> dict:
     g = circuit.graph
     _check_mib_expressible(g)
     nodes = g.node_mask(circuit.mask)
     nodes[0] = nodes[0] or bool(circuit.mask.any())
-    rows, cols = torch.nonzero(g.allowed, as_tuple=True)
+    names, cols = mib_receivers(g)
     scores = circuit.scores if circuit.scores is not None else torch.zeros(g.n_senders, g.n_receivers)
-    edges = {g.edge_name(s, r): {"score": float(scores[s, r]), "in_graph": bool(circuit.mask[s, r])}
-             for s, r in zip(rows.tolist(), cols.tolist())}
+    edges = {}
+    for name, r in zip(names, cols.tolist()):
+        for s in range(int(g.n_inputs[r])):
+            edges[f"{g.senders[s]}->{name}"] = {"score": float(scores[s, r]), "in_graph": bool(circuit.mask[s, r])}
     return {"cfg": mib_cfg(g), "nodes": {n: {"in_graph": bool(k)} for n, k in zip(g.nodes, nodes.tolist())},
             "edges": edges}
 
@@ -74,7 +131,7 @@ def from_mib(data: Any, graph: Graph, source: str = "MIB circuit") -> Circuit:
     if not isinstance(data["edges"], dict):
         raise CircuitFileError(f"{source}: MIB 'edges' should map edge names to {{score, in_graph}}")
     _check_cfg(data["cfg"], graph, source)
-    mask, scores = edges_from_dict(data["edges"], graph, source)
+    mask, scores = edges_from_dict(_group_mib_edges(data["edges"], graph, source), graph, source)
     return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"})
 
 
@@ -88,10 +145,11 @@ def save_mib_pt(circuit: Circuit, path: str | Path) -> None:
     _check_mib_expressible(g)
     scores = circuit.scores if circuit.scores is not None else torch.zeros(g.n_senders, g.n_receivers)
     nodes = g.node_mask(circuit.mask)[: g.n_senders]
+    names, cols = mib_receivers(g)
     torch.save({"cfg": mib_cfg(g), "src_nodes": list(g.senders),
-                "dst_nodes": [r.name for r in g.receivers],
-                "edges_scores": (scores.float() * g.allowed).contiguous(),
-                "edges_in_graph": (circuit.mask & g.allowed).contiguous(),
+                "dst_nodes": names,
+                "edges_scores": (scores.float() * g.allowed)[:, cols].contiguous(),
+                "edges_in_graph": (circuit.mask & g.allowed)[:, cols].contiguous(),
                 "nodes_in_graph": nodes.contiguous()}, path)
 
 
@@ -139,13 +197,19 @@ def _load_mib_pt(path: Path, graph: Graph) -> Circuit:
         raise CircuitFileError(f"{path}: MIB .pt file lacks {', '.join(sorted(missing))}")
     _check_mib_expressible(graph)
     _check_cfg(d["cfg"], graph, str(path))
-    if list(d["src_nodes"]) != list(graph.senders) or list(d["dst_nodes"]) != [r.name for r in graph.receivers]:
+    names, cols = mib_receivers(graph)
+    if list(d["src_nodes"]) != list(graph.senders) or list(d["dst_nodes"]) != names:
         raise CircuitFileError(f"{path}: node order differs from this model's graph")
+    shape = (graph.n_senders, len(names))
     for key in ("edges_scores", "edges_in_graph"):
-        if not isinstance(d[key], torch.Tensor) or d[key].shape != graph.allowed.shape:
-            raise CircuitFileError(f"{path}: {key} should be a tensor of shape {tuple(graph.allowed.shape)}")
-    mask = d["edges_in_graph"].bool() & graph.allowed
-    return Circuit(graph, mask, d["edges_scores"].float(), {"imported_from": str(path), "format": "mib-pt"})
+        if not isinstance(d[key], torch.Tensor) or d[key].shape != shape:
+            raise CircuitFileError(f"{path}: {key} should be a tensor of shape {shape}")
+    # per-head columns back onto this graph's (KV-group) columns: any in the circuit, mean score
+    count = torch.zeros(graph.n_receivers, dtype=torch.float64).index_add_(0, cols, torch.ones(len(cols), dtype=torch.float64))
+    hits = torch.zeros(graph.allowed.shape, dtype=torch.float64).index_add_(1, cols, d["edges_in_graph"].double())
+    total = torch.zeros(graph.allowed.shape, dtype=torch.float64).index_add_(1, cols, d["edges_scores"].double())
+    mask = (hits > 0) & graph.allowed
+    return Circuit(graph, mask, (total / count).float(), {"imported_from": str(path), "format": "mib-pt"})
 
 
 def load_mib(path: str | Path, graph: Graph) -> Circuit:
