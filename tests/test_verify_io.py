@@ -59,6 +59,26 @@ def test_minimality_and_completeness_on_the_micro_model():
     assert comp["worst_gap"] == pytest.approx(0.0, abs=1e-6)   # the full model is complete
 
 
+def test_minimality_samples_large_circuits_and_states_the_error():
+    model = load_model("random:gpt2-tiny")
+    setup = evaluation.prepare(model, random_task(model, n=4))
+    g = model.graph
+    comps = checks._components(g, g.full_mask())
+    every = checks.minimality(setup, g.full_mask(), sample=0)
+    assert every["tested"] == every["components"] == len(comps) and "estimate" not in every
+    part = checks.minimality(setup, g.full_mask(), sample=3, seed=1)
+    assert part["tested"] == 3 and part["components"] == len(comps) > 3
+    assert set(part["drop"]) <= set(every["drop"])
+    for name, drop in part["drop"].items():                  # the same measurement, on a sample
+        assert drop == pytest.approx(every["drop"][name], abs=1e-5)
+    est = part["estimate"]
+    k = len(part["not_needed"])
+    assert est["share_not_needed"] == pytest.approx(k / 3)
+    lo, hi = est["interval_95"]
+    assert 0 <= lo <= k / 3 <= hi <= 1 and hi - lo > 0.3     # three samples say little, and it says so
+    assert checks.wilson(50, 100)[0] == pytest.approx(0.4038, abs=1e-3)
+
+
 def test_cpr_cmd_follow_the_mib_trapezoid():
     fs = [0.0, 0.1, 0.3, 0.2, 0.5, 0.7, 0.9, 1.1, 1.0, 1.0]
     points = [checks.CurvePoint(p, 0, f) for p, f in zip(checks.MIB_PERCENTS, fs)]
@@ -250,6 +270,53 @@ def test_rendered_svg_of_the_default_circuit_draws_every_node_and_edge(tmp_path)
     assert {n.replace(".", "_") for n in c.node_names()} == drawn_nodes
     drawn_edges = set(re.findall(r'<g id="([^"]+)" class="edge">', svg))
     assert {render.edge_id(e) for e in c.edge_names()} == drawn_edges
+
+
+def big_circuit():
+    """A circuit of a real model's shape (smollm2-135m: 30 layers, 9 heads, 3 KV heads), 1,000+ edges."""
+    g = circuit_io.graph_from_summary({"family": "llama", "n_layers": 30, "n_heads": 9, "n_kv_heads": 3,
+                                       "has_mlp": True, "parallel": False})
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(g.n_senders, g.n_receivers, generator=gen) * g.allowed
+    return circuit_io.Circuit(g, select.prune(g, select.top_n(g, scores, 3000)), scores, {})
+
+
+def test_large_circuits_draw_components_and_the_strongest_connections():
+    c = big_circuit()
+    g = c.graph
+    assert c.n_edges > 1000
+    dot = render.to_dot(c, title="big")
+    arrows = [line for line in dot.splitlines() if " -> " in line and "invis" not in line]
+    assert len(arrows) == render.NODE_LEVEL_EDGES
+    assert "connections between components" in dot and "diamond KV group" in dot      # the legend
+    assert 'shape=diamond' in dot                                                      # KV groups are nodes
+    assert re.search(r'label="L\d+"', dot)                                            # layer rows
+    # the drawn arrows are the strongest pairs of components
+    weight = {}
+    for s, r in torch.nonzero(c.mask & g.allowed).tolist():
+        rec = g.receivers[r]
+        t = f"a{rec.layer}.kv{rec.index}" if rec.channel.value in "kv" else rec.node
+        weight[(g.senders[s], t)] = weight.get((g.senders[s], t), 0.0) + abs(float(c.scores[s, r]))
+    drawn = set(re.findall(r'^  "([^"]+)" -> "([^"]+)" \[id', dot, re.M))
+    cutoff = sorted(weight.values(), reverse=True)[render.NODE_LEVEL_EDGES - 1]
+    assert drawn == {k for k, v in weight.items() if v >= cutoff}
+    few = render.to_dot(c, level="node", max_edges=5)
+    assert len([x for x in few.splitlines() if " -> " in x and "invis" not in x]) == 5
+    edges = render.to_dot(c, level="edge", max_edges=7)
+    assert "7 strongest of" in edges
+
+
+def test_renderer_is_found_next_to_this_python_off_the_path(tmp_path, monkeypatch):
+    """A virtual environment that is not activated keeps its scripts next to sys.executable."""
+    import sys
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    exe = bindir / "graphviz-pure"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    assert render.renderer() == [str(exe)]
 
 
 def test_render_without_renderer_fails_clearly(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 from circuits.cli.common import refuse_overwriting_inputs
@@ -15,14 +17,27 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def _minimality_line(mini: dict) -> str:
     """Which components the circuit could do without, or that it needs every one."""
     if not mini["drop"]:
         return "no components to remove"
+    est = mini.get("estimate")
+    if est:
+        lo, hi = est["interval_95"]
+        names = mini["not_needed"]
+        shown = ", ".join(names[:6]) + (f", … ({len(names)})" if len(names) > 6 else "")
+        return (f"sampled {est['sampled']} of {est['of']} components: {len(names)} not needed "
+                f"(removing one costs < {mini['threshold']:g}); share not needed {est['share_not_needed']:.0%} "
+                f"(95% interval {lo:.0%}-{hi:.0%})" + (f": {shown}" if names else ""))
     if not mini["not_needed"]:
         return f"every component needed (removing any one costs >= {mini['threshold']:g} faithfulness)"
-    return (f"not needed: {', '.join(mini['not_needed'])} (removing one costs < {mini['threshold']:g} "
-            f"faithfulness)")
+    names = mini["not_needed"]
+    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; --json lists them)" if len(names) > 12 else "")
+    return f"not needed: {shown} (removing one costs < {mini['threshold']:g} faithfulness)"
 
 
 def cmd_verify(args) -> int:
@@ -50,19 +65,35 @@ def cmd_verify(args) -> int:
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     mask = circ.mask & model.graph.allowed
+    progress = not args.quiet
+    t0 = time.perf_counter()
     empty, full = checks.baselines(setup)
     m_c = setup.metric(mask).mean().item()
+    per_eval = (time.perf_counter() - t0) / 2        # the empty circuit and this one
+    tested, n_comps = checks.minimality_plan(model.graph, mask, args.minimality_sample, args.seed)
+    plan = {"curve": len(checks.MIB_PERCENTS) if circ.scores is not None else 0,
+            "completeness": 2 * len(checks.completeness_subsets(model.graph, mask, args.subsets, args.seed)),
+            "minimality": len(tested) + 1,
+            "ablations": 2 * (len(checks.SENSITIVITY_ABLATIONS) - 1) + 1}
+    evals = sum(plan.values()) + 4 * (len(checks.SENSITIVITY_ABLATIONS) - 1)   # + preparing other ablations
+    if progress:
+        sample = f" (a sample of {len(tested)} of {n_comps} components)" if len(tested) < n_comps else ""
+        print(f"verify: {sum(plan.values())} circuit evaluations: " + ", ".join(f"{k} {v}" for k, v in plan.items())
+              + f"{sample}; about {_duration(evals * per_eval)} at {per_eval:.1f}s each", file=sys.stderr)
     report = {"circuit": args.circuit, "model": args.model, "task": task.name, "metric": task.metric.value,
               "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": model.graph.n_edges,
               "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
     if circ.scores is not None:
-        points = checks.faithfulness_curve(setup, circ.scores)
+        points = checks.faithfulness_curve(setup, circ.scores, progress=progress)
         cpr, cmd = checks.cpr_cmd(points)
         report["curve"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
-    report["completeness"] = checks.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed)
-    report["minimality"] = checks.minimality(setup, mask)
-    report["ablation_sensitivity"] = checks.ablation_sensitivity(setup, mask)
+    report["completeness"] = checks.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed,
+                                                 progress=progress)
+    report["minimality"] = checks.minimality(setup, mask, sample=args.minimality_sample, seed=args.seed,
+                                             progress=progress)
+    report["ablation_sensitivity"] = checks.ablation_sensitivity(setup, mask, progress=progress)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
     if args.stability > 0:
         method = circ.provenance.get("method")
         params = circ.provenance.get("parameters", {})
@@ -117,7 +148,8 @@ def cmd_render(args) -> int:
     refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
     circ = circuit_io.load(args.circuit)
     title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({plural(circ.n_edges, 'edge')})"
-    out = render.render(render.to_dot(circ, title=title.strip()), args.output)
+    out = render.render(render.to_dot(circ, title=title.strip(), level=args.level, max_edges=args.max_edges),
+                        args.output)
     print(f"wrote {out}" + (f" and {Path(args.output).with_suffix('.dot')}" if out.suffix != ".dot" else ""))
     return 0
 
@@ -194,7 +226,7 @@ def cmd_tasks(args) -> int:
 
 
 def add_tools(sub, add_common) -> None:
-    from circuits.cli.common import ABLATIONS, non_negative_int
+    from circuits.cli.common import ABLATIONS, non_negative_int, positive_int
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("verify", help="faithfulness, curve (CPR/CMD), completeness, minimality, ablations, stability",
                        epilog="example: circuits verify circuit.json induction-2l induction --min-faithfulness 0.8",
@@ -206,6 +238,9 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("--min-faithfulness", type=float, help="exit 1 when normalized faithfulness is below this")
     p.add_argument("--subsets", type=non_negative_int, default=16,
                    help="completeness: random knock-out subsets (default 16)")
+    p.add_argument("--minimality-sample", type=non_negative_int, default=40,
+                   help="minimality: test at most this many components, a random sample above it, with the "
+                        "share not needed and its 95%% interval (default 40; 0: every component)")
     p.add_argument("--stability", type=non_negative_int, default=0, help="bootstrap rediscoveries (default 0: skip)")
     p.add_argument("--out", help="write the JSON report here")
     add_common(p)
@@ -219,6 +254,11 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("-o", "--output", default="circuit.svg",
                    help=".svg, .png, .pdf (Graphviz's dot only) or .dot; the DOT file is written next to it")
     p.add_argument("--title")
+    p.add_argument("--level", choices=["auto", "node", "edge"], default="auto",
+                   help="node: one arrow per pair of components (edges between them summed); edge: every "
+                        "edge; auto (default): node level above 80 edges")
+    p.add_argument("--max-edges", type=positive_int,
+                   help="draw only the strongest arrows (default: 60 at node level, all at edge level)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("export", help="write a circuit in another format",

@@ -4,7 +4,9 @@
 - the faithfulness curve at the MIB sizes, with CPR (area under f) and CMD (area under |1 − f|);
 - completeness (Wang et al. 2023): knock out random subsets K of the circuit's components from
   the circuit and from the model, compare F(C∖K) with F(M∖K);
-- minimality: faithfulness lost without each component; components that are not needed;
+- minimality: faithfulness lost without each component; components that are not needed (above
+  `MINIMALITY_SAMPLE` components, a random sample of them, with the share not needed estimated
+  and its 95% interval stated);
 - ablation sensitivity: faithfulness under resample, mean and zero ablation;
 - stability: rediscover on bootstrap resamples of the task and compare (Jaccard).
 """
@@ -15,7 +17,10 @@ import random
 import statistics
 from dataclasses import dataclass
 
+import math
+
 import torch
+from tqdm.auto import tqdm
 
 from circuits import select
 from circuits.evaluation import Setup, normalized_faithfulness, prepare
@@ -23,6 +28,11 @@ from circuits.graph import Graph
 from circuits.patching import Ablation
 
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+MINIMALITY_SAMPLE = 40       # components tested one by one at most; above, a random sample
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="eval", disable=not progress, leave=False)
 
 
 @dataclass(frozen=True)
@@ -38,20 +48,23 @@ def normalized(setup: Setup, mask: torch.Tensor, empty: float, full: float) -> f
 
 def baselines(setup: Setup) -> tuple[float, float]:
     """(m(∅), m(M)): the empty circuit under the setup's ablation, and the clean model."""
-    return setup.metric(setup.graph.empty_mask()).mean().item(), setup.clean_metric().mean().item()
+    return setup.empty_metric(), setup.clean_metric().mean().item()
 
 
 def faithfulness_curve(setup: Setup, scores: torch.Tensor, percents=MIB_PERCENTS,
-                       absolute: bool = True) -> list[CurvePoint]:
+                       absolute: bool = True, progress: bool = False) -> list[CurvePoint]:
     """Faithfulness of the top-k% edges by score, for each k, as the MIB circuit track builds them:
     int(k · n_edges) edges by (|)score(|), then pruned; f not clipped."""
     g = setup.graph
     empty, full = baselines(setup)
     points = []
+    bar = _bar(len(percents), "faithfulness curve", progress)
     for pct in percents:
         n = int(pct / 100 * g.n_edges)
         mask = select.prune(g, select.top_n(g, scores, n, absolute=absolute))
         points.append(CurvePoint(pct, n, normalized(setup, mask, empty, full)))
+        bar.update(1)
+    bar.close()
     return points
 
 
@@ -79,22 +92,32 @@ def _without_senders(mask: torch.Tensor, senders: list[int]) -> torch.Tensor:
     return out
 
 
-def completeness(setup: Setup, mask: torch.Tensor, n_subsets: int = 16, seed: int = 0) -> dict:
-    """Wang et al.'s completeness: for random subsets K of the circuit's components, compare the
-    metric of C∖K with that of M∖K. A complete circuit has small gaps for every K."""
-    g = setup.graph
-    comps = _components(g, mask)
+def completeness_subsets(graph: Graph, mask: torch.Tensor, n_subsets: int = 16, seed: int = 0) -> list[list[int]]:
+    """Half single components, the rest random halves of the circuit's components."""
+    comps = _components(graph, mask)
     rng = random.Random(seed)
     subsets = [[c] for c in comps[:n_subsets // 2]]
     while len(subsets) < n_subsets and comps:
         subsets.append(sorted(c for c in comps if rng.random() < 0.5) or [rng.choice(comps)])
+    return subsets
+
+
+def completeness(setup: Setup, mask: torch.Tensor, n_subsets: int = 16, seed: int = 0,
+                 progress: bool = False) -> dict:
+    """Wang et al.'s completeness: for random subsets K of the circuit's components, compare the
+    metric of C∖K with that of M∖K. A complete circuit has small gaps for every K."""
+    g = setup.graph
+    subsets = completeness_subsets(g, mask, n_subsets, seed)
     full = g.full_mask()
     rows = []
+    bar = _bar(2 * len(subsets), "completeness", progress)
     for K in subsets:
         f_c = setup.metric(_without_senders(mask, K)).mean().item()
         f_m = setup.metric(_without_senders(full, K)).mean().item()
+        bar.update(2)
         rows.append({"knocked_out": [g.senders[s] for s in K], "circuit": f_c, "model": f_m,
                      "gap": abs(f_c - f_m)})
+    bar.close()
     if not rows:
         return {"subsets": 0, "worst_gap": None, "median_gap": None, "worst": None, "median": None}
     rows.sort(key=lambda r: r["gap"])
@@ -102,24 +125,67 @@ def completeness(setup: Setup, mask: torch.Tensor, n_subsets: int = 16, seed: in
             "worst": rows[-1], "median": rows[len(rows) // 2]}
 
 
-def minimality(setup: Setup, mask: torch.Tensor, needed: float = 0.01) -> dict:
-    """Faithfulness drop when each component's outgoing edges leave the circuit."""
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial share k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def minimality_plan(graph: Graph, mask: torch.Tensor, sample: int = MINIMALITY_SAMPLE, seed: int = 0) -> tuple[list[int], int]:
+    """(components to test, components in the circuit): all of them up to `sample`, else a random
+    sample of that many (0: all)."""
+    comps = _components(graph, mask)
+    if sample and len(comps) > sample:
+        return sorted(random.Random(seed).sample(comps, sample)), len(comps)
+    return comps, len(comps)
+
+
+def minimality(setup: Setup, mask: torch.Tensor, needed: float = 0.01, sample: int = MINIMALITY_SAMPLE,
+               seed: int = 0, progress: bool = False) -> dict:
+    """Faithfulness drop when each component's outgoing edges leave the circuit.
+
+    Above `sample` components (0: never) a random sample of that many is tested: `not_needed` then
+    lists those found among the sample, and `estimate` the share of all components not needed,
+    k/n with its 95% Wilson interval (the stated error of the sample)."""
     g = setup.graph
     empty, full = baselines(setup)
+    tested, total = minimality_plan(g, mask, sample, seed)
+    bar = _bar(len(tested) + 1, f"minimality ({len(tested)} of {total} components)", progress)
     base = normalized(setup, mask, empty, full)
+    bar.update(1)
     drops = {}
-    for s in _components(g, mask):
+    for s in tested:
         drops[g.senders[s]] = base - normalized(setup, _without_senders(mask, [s]), empty, full)
-    return {"faithfulness": base, "drop": drops, "threshold": needed,
-            "not_needed": sorted(n for n, d in drops.items() if d < needed)}
+        bar.update(1)
+    bar.close()
+    not_needed = sorted(n for n, d in drops.items() if d < needed)
+    out = {"faithfulness": base, "drop": drops, "threshold": needed, "not_needed": not_needed,
+           "components": total, "tested": len(tested)}
+    if len(tested) < total:
+        lo, hi = wilson(len(not_needed), len(tested))
+        out["estimate"] = {"share_not_needed": len(not_needed) / len(tested), "interval_95": [lo, hi],
+                           "sampled": len(tested), "of": total, "seed": seed}
+    return out
 
 
-def ablation_sensitivity(setup: Setup, mask: torch.Tensor) -> dict:
+SENSITIVITY_ABLATIONS = (Ablation.RESAMPLE, Ablation.MEAN, Ablation.ZERO)
+
+
+def ablation_sensitivity(setup: Setup, mask: torch.Tensor, progress: bool = False) -> dict:
+    """Faithfulness under each ablation; another ablation costs its preparation (about 2 forwards),
+    its empty circuit and the circuit."""
     out = {}
-    for ablation in (Ablation.RESAMPLE, Ablation.MEAN, Ablation.ZERO):
+    bar = _bar(len(SENSITIVITY_ABLATIONS), "ablations", progress)
+    for ablation in SENSITIVITY_ABLATIONS:
         other = setup if ablation is setup.ablation else prepare(setup.model, setup.task, ablation)
         empty, full = baselines(other)
         out[ablation.value] = normalized(other, mask, empty, full)
+        bar.update(1)
+    bar.close()
     return out
 
 
