@@ -193,7 +193,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         params = {"tau": tau, "acdc_metric": acdc_metric.value}
         start_mask = None
         if method == "hybrid":
-            scores0 = methods.get("eap-ig-activations").score(setup, steps=steps or 5)
+            scores0 = methods.get("eap-ig-activations").score(setup, steps=steps or 5, progress=progress)
             if candidates is None:
                 # a superset that already carries the behaviour: ACDC only has to thin it out
                 start_mask = smallest_faithful(setup, scores0, HYBRID_CANDIDATE_FAITHFULNESS, prune=False,
@@ -202,6 +202,11 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
                 start_mask = select.top_n(g, scores0, candidates)
             n_cand = int((start_mask & g.allowed).sum())
             params.update({"candidates": n_cand, "candidate_method": "eap-ig-activations"})
+            if progress:
+                from tqdm.auto import tqdm
+                tqdm.write(f"hybrid: ACDC examines {n_cand} of {g.n_edges} edges, the candidates of an EAP-IG pass "
+                           + ("(its smallest top-n with faithfulness >= "
+                              f"{HYBRID_CANDIDATE_FAITHFULNESS:g})" if candidates is None else f"(its top {candidates})"))
         result = acdc(setup, tau, metric=acdc_metric, start_mask=start_mask, checkpoint=checkpoint,
                       resume=resume, progress=progress)
         mask, scores = result.mask, result.scores

@@ -111,6 +111,53 @@ class _Deltas:
         return out.view(V, R, BP, self.d).transpose(0, 1).reshape(R, V * BP, self.d)
 
 
+class _KeptDeltas:
+    """The same patches for one variant from the start of the forward, computed from the other side:
+
+        Σ_{s<n} coef[s,r]·δ_s = Σ_{s<n} δ_s − Σ_{s<n} (1 − coef[s,r])·δ_s
+
+    The first sum is one running total; the second runs over the senders with an edge the circuit
+    keeps (coef < 1), usually a few of them. So a sparse circuit neither stores every sender's
+    δ (S·B·P·d floats) nor reads them all at every layer."""
+
+    def __init__(self, coef: torch.Tensor, allowed: torch.Tensor, boundaries, B: int, P: int, d: int,
+                 like: torch.Tensor):
+        keep = ((coef[0] != 1) & allowed.to(coef.device)).any(1).cpu()        # [S] senders with a kept edge
+        self.kept = torch.nonzero(keep).flatten()                             # sorted: slots follow senders
+        self.slot = {int(s): i for i, s in enumerate(self.kept.tolist())}
+        self.own = like.new_empty(len(self.slot), B * P * d)
+        self.total = like.new_zeros(B * P * d)
+        self.snap = {0: None}                                                 # running totals at layer starts
+        self.boundaries = set(boundaries)
+        self.n = 0
+        self.B, self.P, self.d = B, P, d
+
+    def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
+        B, P, d = self.B, self.P, self.d
+        i = self.slot.get(s)
+        if i is None:
+            self.total += (ablated - out.reshape(B, P, d)).reshape(-1)
+        else:
+            torch.sub(ablated, out.reshape(B, P, d), out=self.own[i].view(B, P, d))
+            self.total += self.own[i]
+        self.n = s + 1
+        if self.n in self.boundaries:
+            self.snap[self.n] = self.total.clone()
+
+    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
+        """coef: [1, n_senders − first, R] → [R, B·P, d]; called when senders [0, n_senders) have run."""
+        assert self.n == n_senders and first in self.snap, "patch read out of order"
+        base = self.total if self.snap[first] is None else self.total - self.snap[first]
+        R = coef.shape[2]
+        i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
+        if i1 > i0:
+            keep = 1 - coef[0, (self.kept[i0:i1] - first).to(coef.device)]     # [k, R]
+            out = torch.addmm(base.expand(R, -1), keep.transpose(0, 1), self.own[i0:i1], alpha=-1)
+        else:
+            out = base.expand(R, -1).clone()
+        return out.view(R, self.B * self.P, self.d)
+
+
 def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
     """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
 
@@ -209,7 +256,9 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         B, P, d = resid.shape
     n_prefix = 0 if prefix is None else prefix.delta.shape[0]    # senders cached in the prefix
     deltas = None
-    if coef is not None:
+    if coef is not None and prefix is None and V == 1:
+        deltas = _KeptDeltas(coef, graph.allowed, graph.sender_start, B, P, d, resid)
+    elif coef is not None:
         deltas = _Deltas(prefix, graph.n_senders - n_prefix,
                          V, B, P, d, resid)
     outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None

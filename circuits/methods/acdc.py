@@ -94,6 +94,25 @@ def receiver_order(setup: Setup) -> list[int]:
     return order
 
 
+def edge_cost(graph, r: int) -> float:
+    """Cost of testing an edge into receiver r, in forwards: the test starts at r's layer from the
+    cached state, so it runs (L − l + 0.5) of the L + 0.5 layers (the unembedding counted as half)."""
+    L = graph.arch.n_layers
+    return (L - min(graph.receivers[r].layer, L) + 0.5) / (L + 0.5)
+
+
+def expected_forwards(graph, mask: torch.Tensor) -> float:
+    """Forward-equivalents ACDC spends testing every edge of `mask` once (no batching gains)."""
+    per_receiver = (mask.bool() & graph.allowed).sum(0).tolist()
+    return sum(n * edge_cost(graph, r) for r, n in enumerate(per_receiver))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _fingerprint(setup: Setup, tau: float, metric: Metric, candidates: torch.Tensor | None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([setup.model.spec, setup.task.name, setup.ablation.value, tau, metric.value,
@@ -141,7 +160,9 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
         order = [r for r in order if r in keep]
     pos_r, pos_s = 0, 0
     tested, forwards = 0, 0.0
+    t_forward = time.perf_counter()
     current = setup.metric(mask, metric).mean().item()
+    t_forward = time.perf_counter() - t_forward
     mid = g.arch.n_layers // 2
     spec = None
     if resume and checkpoint is not None and Path(checkpoint).is_file():
@@ -172,9 +193,21 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     initial = (g.full_mask() if start_mask is None else start_mask.bool()) & g.allowed
     walk = setup if naive or bool(initial.eq(g.allowed).all()) else setup.rebased(initial)
 
-    total = int(mask.sum())
-    bar = tqdm(total=total, desc=f"ACDC τ={tau:g}", unit="edge", disable=not progress)
-    bar.update(int(sum(int(mask[:, order[i]].sum()) for i in range(pos_r))) + pos_s)
+    # The bar counts forward-equivalents, not edges: a test starts at its receiver's layer, so
+    # edges into late layers cost a fraction of a forward and the ETA weighs them so.
+    weight = [1.0 if naive else edge_cost(g, r) for r in range(g.n_receivers)]
+    def left(i: int) -> int:              # untested edges of the i-th receiver in the walk
+        senders = list(reversed(range(int(g.n_inputs[order[i]]))))
+        return int(mask[senders[pos_s if i == pos_r else 0:], order[i]].sum())
+    remaining = [left(i) for i in range(pos_r, len(order))]
+    total = sum(n * weight[r] for n, r in zip(remaining, order[pos_r:]))
+    n_left = sum(remaining)
+    if progress:
+        tqdm.write(f"ACDC: {n_left} candidate edges into {len(order) - pos_r} receivers = {total:.0f} forwards "
+                   f"(an edge into layer l costs (L - l + 0.5)/(L + 0.5) of one); about {_duration(total * t_forward)} "
+                   f"at {t_forward:.2f}s per forward, less where speculative batches pay off")
+    bar = tqdm(total=round(total, 2), desc=f"ACDC τ={tau:g}", unit="F", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} forwards [{elapsed}<{remaining}{postfix}]")
     last_save = time.perf_counter()
     try:
         while pos_r < len(order) and (max_tests is None or tested < max_tests):
@@ -183,15 +216,14 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
             start = 0 if naive else layer
             senders = list(reversed(range(int(g.n_inputs[r]))))
             if not _node_alive(setup, mask, r):
+                bar.update(weight[r] * int(mask[senders[pos_s:], r].sum()))
                 mask[:, r] = False
-                bar.update(len(senders) - pos_s)
                 pos_r, pos_s = pos_r + 1, 0
                 continue
             while pos_s < len(senders) and (max_tests is None or tested < max_tests):
                 s = senders[pos_s]
                 if not mask[s, r]:
                     pos_s += 1
-                    bar.update(1)
                     continue
                 batch = [s]
                 # the overhead was measured at the middle layer; per-variant work scales with depth
@@ -206,16 +238,14 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                 for j, sj in enumerate(batch):
                     coef[j:, sj, r] = 1.0
                 values = walk.metric_of_coef(coef, metric, start_layer=start).mean(1).tolist()
-                cost = (n_layers - start + 0.5) / (n_layers + 0.5)
-                forwards += cost * len(batch)
+                forwards += (1.0 if naive else edge_cost(g, r)) * len(batch)
                 for j, sj in enumerate(batch):
                     tested += 1
                     scores[sj, r] = sign * (values[j] - current)    # importance, see methods.base
                     while senders[pos_s] != sj:
                         pos_s += 1
-                        bar.update(1)
                     pos_s += 1
-                    bar.update(1)
+                    bar.update(weight[r])
                     removed = _removal_ok(metric, values[j], current, tau)
                     spec.record(not removed)
                     if not removed:
