@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -206,7 +207,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
                 from tqdm.auto import tqdm
                 tqdm.write(f"hybrid: ACDC examines {n_cand} of {g.n_edges} edges, the candidates of an EAP-IG pass "
                            + ("(its smallest top-n with faithfulness >= "
-                              f"{HYBRID_CANDIDATE_FAITHFULNESS:g})" if candidates is None else f"(its top {candidates})"))
+                              f"{HYBRID_CANDIDATE_FAITHFULNESS:g})" if candidates is None else f"(its top {candidates})"), file=sys.stderr)
         result = acdc(setup, tau, metric=acdc_metric, start_mask=start_mask, checkpoint=checkpoint,
                       resume=resume, progress=progress)
         mask, scores = result.mask, result.scores

@@ -112,7 +112,7 @@ def cmd_discover(args) -> int:
     how = f" (search: {plural(search['evaluations'], 'evaluation')}, ±{plural(search['tolerance_edges'], 'edge')})" \
         if search else ""
     print(f"faithfulness {summary['faithfulness']:.3f}{how}   time {found.seconds:.1f}s   written to {args.out}"
-          f"{'' if c.n_edges <= 12 else ' (every edge and component: there, or --json)'}")
+          f"{'' if c.n_edges <= 12 else ' (every edge: that file, or --json)'}")
     if args.method in SEARCH and summary["faithfulness"] < 0.5:
         print(f"note: ACDC kept only edges whose removal moves {found.circuit.provenance['parameters']['acdc_metric']} "
               f"by more than --tau {found.circuit.provenance['parameters']['tau']}; a smaller --tau"

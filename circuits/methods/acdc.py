@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     if progress:
         tqdm.write(f"ACDC: {n_left} candidate edges into {len(order) - pos_r} receivers = {total:.0f} forwards "
                    f"(an edge into layer l costs (L - l + 0.5)/(L + 0.5) of one); about {_duration(total * t_forward)} "
-                   f"at {t_forward:.2f}s per forward, less where speculative batches pay off")
+                   f"at {t_forward:.2f}s per forward, less where speculative batches pay off", file=sys.stderr)
     bar = tqdm(total=round(total, 2), desc=f"ACDC τ={tau:g}", unit="F", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} forwards [{elapsed}<{remaining}{postfix}]")
     last_save = time.perf_counter()
