@@ -125,3 +125,18 @@ def test_acdc_cost_model_weights_late_layers_less():
     assert costs == sorted(costs, reverse=True)
     assert expected_forwards(g, g.full_mask()) < g.n_edges
     assert expected_forwards(g, g.empty_mask()) == 0
+
+
+def test_verify_says_what_it_will_spend_and_samples_minimality(capsys, tmp_path):
+    from circuits.cli.main import main
+    out = tmp_path / "c.json"
+    assert main(["discover", "random:gpt2-tiny", "induction", "--method", "eap", "--top-n", "40",
+                 "--quiet", "--n", "4", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "random:gpt2-tiny", "induction", "--n", "4", "--subsets", "2",
+                 "--minimality-sample", "2"]) == 0
+    captured = capsys.readouterr()
+    plan = next(line for line in captured.err.splitlines() if line.startswith("verify: "))
+    assert re.search(r"verify: \d+ circuit evaluations: curve 10, completeness 4, minimality 3, ablations 5 "
+                     r"\(a sample of 2 of \d+ components\); about \d+", plan), plan
+    assert re.search(r"minimality +sampled 2 of \d+ components: .*95% interval", captured.out), captured.out
