@@ -101,7 +101,8 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
 
     A bracketing search on the sorted scores: start at the size holding `target` of the |score|
     mass, step by ×4 to bracket the crossing, then interpolate on log n between the bracket's
-    faithfulness values (regula falsi, with a bisection step whenever interpolation stalls). Sizes
+    faithfulness values (regula falsi with the Illinois rule, so a saturating curve does not pin
+    the steps to one end). Sizes
     are multiples of the tolerance, so no circuit below it is ever evaluated; each size is
     evaluated once. Faithfulness is not strictly monotone in n; the search assumes it is between
     the measured points.
@@ -151,23 +152,31 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
             lo = up
     if hi is None:                              # even the whole graph falls short
         hi = g.n_edges
-    stuck, last = 0, ""                         # steps in a row that moved the same end
+    # Regula falsi on log n with the Illinois rule: when one end of the bracket stays twice in a
+    # row, its distance to the target counts half, so a saturating (concave) curve does not pin the
+    # steps to one side.
+    if lo is not None:
+        g_lo, g_hi = f(lo) - target, f(hi) - target
+    side = 0
     while lo is not None and hi - lo > tol:
-        f_lo, f_hi = f(lo), f(hi)
-        if stuck >= 2 or not f_hi > f_lo:
-            mid = grid((lo + hi) // 2)          # interpolation stalls: bisect
-        else:
-            t = min(max((target - f_lo) / (f_hi - f_lo), 0.0), 1.0)
-            mid = grid(int(lo * (hi / lo) ** t))    # faithfulness is closer to linear in log n
-            mid = min(max(mid, grid(lo + 1)), hi - tol)
+        t = g_lo / (g_lo - g_hi) if g_hi > g_lo else 0.5
+        mid = grid(int(lo * (hi / lo) ** min(max(t, 0.0), 1.0)))
+        mid = min(max(mid, grid(lo + 1)), hi - tol)
         if not lo < mid < hi:
-            break
-        if ok(mid):
-            stuck = stuck + 1 if last == "hi" else 1
-            hi, last = mid, "hi"
+            mid = grid((lo + hi) // 2)
+            if not lo < mid < hi:
+                break
+        g_mid = f(mid) - target
+        if g_mid >= 0:
+            hi, g_hi = mid, g_mid
+            if side == 1:
+                g_lo /= 2
+            side = 1
         else:
-            stuck = stuck + 1 if last == "lo" else 1
-            lo, last = mid, "lo"
+            lo, g_lo = mid, g_mid
+            if side == -1:
+                g_hi /= 2
+            side = -1
     bar.close()
     m, faith = seen[hi] if hi in seen else (None, float("nan"))
     tried = tuple((k, v[1]) for k, v in seen.items())
