@@ -22,6 +22,7 @@ Figures (targets from issue 13 in brackets):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -134,7 +135,6 @@ def main() -> None:
     import torch
     from circuits import discover, evaluation, methods
 
-    loaded = in_child(args, "load")
     model, task = load(args)
     hf = model.bridge.original_model
     for p in hf.parameters():
@@ -150,7 +150,7 @@ def main() -> None:
         hf.zero_grad(set_to_none=True)
 
     plain_forward()
-    F, _ = timed(plain_forward, 3)
+    F, _ = timed(plain_forward, 2)
     FB, _ = timed(plain_fb, 2)
     floor = F + FB
 
@@ -162,15 +162,29 @@ def main() -> None:
         setup = evaluation.prepare(model, task)
         return methods.get("eap-ig-activations").score(setup, steps=5)
 
+    def note(**figures):          # each figure as soon as it is measured (a long run may be cut short)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}),
+              file=sys.stderr, flush=True)
+
+    note(F_seconds=F, FB_seconds=FB)
     eap_t, (setup, scores) = timed(eap_end_to_end)
-    ig_t, _ = timed(ig_end_to_end)
+    note(eap_over_2F_plus_B=eap_t / floor)
     setup._empty.clear()                       # the search pays for m(∅) itself
     search_t, found = timed(lambda: discover.smallest_faithful(setup, scores, 0.8))
+    note(search_over_F=search_t / F, tried=found.tried)
     eval_t, _ = timed(lambda: setup.metric(found.mask), 2)
+    note(one_evaluation_over_F=eval_t / F)
     F2, _ = timed(plain_forward, 2)            # the machine's speed drifts: re-measure the floor
     acdc = acdc_per_edge(setup, found.mask, F2, args.acdc_tests)
+    note(acdc_by_layer=acdc)
+    del setup
+    gc.collect()
+    ig_t, _ = timed(ig_end_to_end)             # after EAP's setup is freed: one setup at a time
+    note(eap_ig5_over_2F_plus_B=ig_t / floor)
     plain_peak = in_child(args, "plain")["peak_growth_mib"]
     eap_peak = in_child(args, "eap")["peak_growth_mib"]
+    note(peak_memory_over_plain_fb=eap_peak / plain_peak)
+    loaded = in_child(args, "load")
     g = model.graph
     result = {
         "model": args.model, "prompts": list(task.clean.shape), "threads": args.threads,
