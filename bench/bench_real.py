@@ -8,7 +8,8 @@ built-in spec smollm2-135m; the task is the built-in IOI with --n prompts.
 Floors: F = one plain forward of the Hugging Face model on the same prompts (no grad, full logits);
 FB = one forward and backward of it (parameter gradients), so 2F + 1B = F + FB.
 Figures (targets from issue 13 in brackets):
-- eap_over_2F_plus_B: preparing the setup (clean and corrupted forwards, cached) + EAP scores [<= 1.5]
+- eap_over_2F_plus_B: preparing the setup (corrupted forward, clean forward with the gradient
+  taps kept, as `discover --method eap` prepares it) + EAP scores [<= 1.5]
 - eap_ig5_over_2F_plus_B: the same with EAP-IG (activations), 5 steps
 - one_evaluation_over_F: the metric of the found circuit, one patched forward [<= 1.5]
 - search_over_F: the faithfulness-0.8 search on EAP's scores, m(empty) included [<= 10]
@@ -94,7 +95,7 @@ def child(args) -> None:
         out = m(task.clean)
         getattr(out, "logits", out)[:, -1].logsumexp(-1).sum().backward()
     else:
-        setup = evaluation.prepare(model, task)
+        setup = evaluation.prepare(model, task, keep_clean_graph=True)
         methods.get("eap").score(setup)
     print(json.dumps({"peak_growth_mib": (_status_kib("VmHWM") - base) / 1024}))
 
@@ -154,8 +155,8 @@ def main() -> None:
     FB, _ = timed(plain_fb, 2)
     floor = F + FB
 
-    def eap_end_to_end():
-        setup = evaluation.prepare(model, task)
+    def eap_end_to_end():           # as `circuits discover --method eap` does it
+        setup = evaluation.prepare(model, task, keep_clean_graph=True)
         return setup, methods.get("eap").score(setup)
 
     def ig_end_to_end():

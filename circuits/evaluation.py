@@ -27,6 +27,12 @@ class Chunk:
     clean: patching.Run            # recorded clean run (outputs, resid per layer)
     clean_logits: torch.Tensor     # [B, vocab] at the answer positions
     _prefixes: dict = field(default_factory=dict, repr=False)
+    # the clean run with its autograd graph and gradient taps, kept when prepared for EAP
+    _graph: dict = field(default_factory=dict, repr=False)
+
+    def take_clean_graph(self) -> patching.Run | None:
+        """The clean run with gradient taps, once (EAP's backward starts from it); None if not kept."""
+        return self._graph.pop("run", None)
 
     def prefix(self, layer: int, graph) -> Prefix:
         """The clean state entering `layer`; the most recent one is kept, with its patch cache."""
@@ -133,10 +139,13 @@ class Setup:
 
 
 def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
-            batch_size: int | None = None, reference: Task | None = None) -> Setup:
+            batch_size: int | None = None, reference: Task | None = None,
+            keep_clean_graph: bool = False) -> Setup:
     """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
 
     Mean ablations average over `reference` (default: the task's corrupted prompts).
+    keep_clean_graph: run the clean forward with gradient taps and keep its autograd graph for
+    one later EAP backward (saves EAP its own clean forward; costs the graph's memory until then).
     """
     w, g = model.weights, model.graph
     if int(task.clean.max()) >= w.arch.d_vocab:
@@ -167,9 +176,18 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
             ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
         else:
             ablated = patching.ablated_outputs(w, g, ablation, corrupted=sub.corrupted)
-        with torch.no_grad():
-            clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, record=True)
-        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits))
+        graph = {}
+        if keep_clean_graph:
+            tokens = sub.clean.to(w.device)
+            with torch.enable_grad():
+                run = patching.run(w, g, tokens, positions=sub.positions, record=True, taps=True,
+                                   embeds=patching.embed(w, tokens).detach().requires_grad_(True))
+            graph["run"] = run
+            clean = patching.Run(run.logits.detach(), run.outputs.detach(), [r.detach() for r in run.resid])
+        else:
+            with torch.no_grad():
+                clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, record=True)
+        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits, _graph=graph))
     setup = Setup(model, task, ablation, tuple(chunks))
     check_metric(setup.clean_metric(), task, "clean")
     return setup

@@ -143,3 +143,19 @@ def test_verify_says_what_it_will_spend_and_samples_minimality(capsys, tmp_path)
     assert re.search(r"verify: \d+ circuit evaluations: curve 10, completeness 4, minimality 3, ablations 5 "
                      r"\(a sample of 2 of \d+ components\); about \d+", plan), plan
     assert re.search(r"minimality +sampled 2 of \d+ components: .*95% interval", captured.out), captured.out
+
+
+def test_eap_from_the_setups_kept_clean_graph_equals_eap_with_its_own_forward():
+    """prepare(keep_clean_graph=True) saves EAP its second clean forward; same scores, and the
+    graph serves once (a second EAP runs its own forward)."""
+    from circuits import methods
+    model = load_model("random:llama-tiny")
+    task = random_task(model, n=6)
+    plain = methods.get("eap").score(evaluation.prepare(model, task, batch_size=4))
+    setup = evaluation.prepare(model, task, batch_size=4, keep_clean_graph=True)
+    assert torch.equal(setup.clean_metric(), evaluation.prepare(model, task, batch_size=4).clean_metric())
+    kept = methods.get("eap").score(setup)
+    assert all(not c._graph for c in setup.chunks)
+    again = methods.get("eap").score(setup)
+    torch.testing.assert_close(kept, plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(again, plain, rtol=1e-4, atol=1e-6)

@@ -67,7 +67,8 @@ def cmd_discover(args) -> int:
     from circuits import discover, evaluation, patching
     from circuits.tasks.task import Metric, TaskError
     model, task = _load_model_and_task(args)
-    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size,
+                               keep_clean_graph=args.method == "eap")     # EAP's backward starts there
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     target = 0.8 if args.target_faithfulness is None else args.target_faithfulness

@@ -90,6 +90,14 @@ def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool
         if mode == "inputs":
             corrupt_embed = delta[0] + clean_embed                         # the ablated input sender
         for alpha in alphas:
+            kept = chunk.take_clean_graph() if (mode == "inputs" and alpha == 1.0) else None
+            if kept is not None:        # the setup's clean run, with its graph: no second clean forward
+                with torch.enable_grad():
+                    values = metric_values(setup.task.metric, kept.logits, chunk.task, chunk.clean_logits)
+                    objective = values.sum() / (n_total * len(alphas))
+                    _receiver_grad_scores(setup, chunk, kept, delta, scores, objective)
+                bar.update(1)
+                continue
             stream = None
             if mode == "inputs":
                 embeds = corrupt_embed + alpha * (clean_embed - corrupt_embed)
