@@ -2,6 +2,8 @@
 
 `Setup.metric(mask)` runs the one patching forward (`patching.run`) over the task's examples and
 returns the metric per example; everything else (faithfulness, ACDC, verification) builds on it.
+A setup prepared with `positions` takes position-aware masks, [P, S, R] (a batch: [V, P, S, R]);
+a plain [S, R] mask still means the same edges at every position.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from circuits import patching
 from circuits.model.loader import Model
 from circuits.patching import Ablation, Prefix
+from circuits.positions import Positions, TokenGroups
 from circuits.tasks.task import Metric, Task, check_metric, metric_values
 
 
@@ -26,6 +29,7 @@ class Chunk:
     ablated: torch.Tensor          # [S, B|1, P|1, d]
     clean: patching.Run            # recorded clean run (outputs, resid per layer)
     clean_logits: torch.Tensor     # [B, vocab] at the answer positions
+    groups: TokenGroups | None = None   # the position of every token (position-aware setups)
     _prefixes: dict = field(default_factory=dict, repr=False)
 
     def prefix(self, layer: int, graph) -> Prefix:
@@ -56,13 +60,38 @@ class Setup:
     task: Task
     ablation: Ablation
     chunks: tuple[Chunk, ...]
+    positions: Positions | None = None
 
     @property
     def graph(self):
         return self.model.graph
 
+    @property
+    def n_positions(self) -> int | None:
+        return None if self.positions is None else self.positions.n
+
+    def _mask_dims(self) -> int:
+        """Dimensions of one mask at this setup's grain: 2 ([S, R]) or 3 ([P, S, R])."""
+        return 2 if self.positions is None else 3
+
+    def _groups(self, coef: torch.Tensor | None, chunk: Chunk) -> TokenGroups | None:
+        return None if coef is None or coef.dim() == 2 or self.positions is None else chunk.groups
+
+    def empty_mask(self) -> torch.Tensor:
+        g = self.graph
+        return g.empty_mask() if self.positions is None else g.empty_mask().expand(self.positions.n, -1, -1).clone()
+
+    def full_mask(self) -> torch.Tensor:
+        g = self.graph
+        return g.full_mask() if self.positions is None else g.full_mask().expand(self.positions.n, -1, -1).clone()
+
+    @property
+    def n_edges(self) -> int:
+        return self.graph.n_edges * (1 if self.positions is None else self.positions.n)
+
     def coef(self, mask: torch.Tensor) -> torch.Tensor:
-        """1 − mask on the graph's edges: [S, R] or [V, S, R] float."""
+        """1 − mask on the graph's edges: [S, R] or [V, S, R] float ([P, S, R], [V, P, S, R] at
+        position grain)."""
         return (~mask.bool() & self.graph.allowed).to(self.model.weights.dtype)
 
     def logits(self, coef: torch.Tensor | None, chunk: Chunk, start_layer: int = 0) -> torch.Tensor:
@@ -71,13 +100,14 @@ class Setup:
         prefix = chunk.prefix(start_layer, g) if start_layer > 0 else None
         with torch.no_grad():
             return patching.run(w, g, tokens, positions=chunk.task.positions, coef=coef,
-                                ablated=chunk.ablated, prefix=prefix).logits
+                                ablated=chunk.ablated, prefix=prefix, groups=self._groups(coef, chunk)).logits
 
     def metric_of_coef(self, coef: torch.Tensor, metric: Metric | None = None,
                        start_layer: int = 0) -> torch.Tensor:
-        """Metric per example for each variant: coef [S, R] → [B]; [V, S, R] → [V, B]."""
+        """Metric per example for each variant: coef [S, R] → [B]; [V, S, R] → [V, B]
+        (at position grain [P, S, R] → [B] and [V, P, S, R] → [V, B]; [S, R] still → [B])."""
         metric = metric or self.task.metric
-        V = coef.shape[0] if coef.dim() == 3 else None
+        V = coef.shape[0] if coef.dim() == self._mask_dims() + 1 else None
         parts = []
         for chunk in self.chunks:
             logits = self.logits(coef, chunk, start_layer)
@@ -87,7 +117,7 @@ class Setup:
         return out if V is not None else out[0]
 
     def metric(self, mask: torch.Tensor, metric: Metric | None = None) -> torch.Tensor:
-        """Metric per example with only the circuit's edges clean ([S, R] bool mask)."""
+        """Metric per example with only the circuit's edges clean ([S, R] or [P, S, R] bool mask)."""
         return self.metric_of_coef(self.coef(mask), metric)
 
     def clean_metric(self, metric: Metric | None = None) -> torch.Tensor:
@@ -102,10 +132,11 @@ class Setup:
         w, g = self.model.weights, self.graph
         chunks = []
         for c in self.chunks:
+            coef = self.coef(mask)
             with torch.no_grad():
                 base = patching.run(w, g, c.task.clean.to(w.device), positions=c.task.positions,
-                                    coef=self.coef(mask), ablated=c.ablated, record=True)
-            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits))
+                                    coef=coef, ablated=c.ablated, record=True, groups=self._groups(coef, c))
+            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits, c.groups))
         return dataclasses.replace(self, chunks=tuple(chunks))
 
     def has_behaviour(self) -> bool:
@@ -124,10 +155,12 @@ class Setup:
 
 
 def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
-            batch_size: int | None = None, reference: Task | None = None) -> Setup:
+            batch_size: int | None = None, reference: Task | None = None,
+            positions: Positions | None = None) -> Setup:
     """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
 
     Mean ablations average over `reference` (default: the task's corrupted prompts).
+    positions: the task's token positions (`circuits.positions.of_task`) for position-aware masks.
     """
     w, g = model.weights, model.graph
     if int(task.clean.max()) >= w.arch.d_vocab:
@@ -160,7 +193,8 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
             ablated = patching.ablated_outputs(w, g, ablation, corrupted=sub.corrupted)
         with torch.no_grad():
             clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, record=True)
-        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits))
-    setup = Setup(model, task, ablation, tuple(chunks))
+        groups = None if positions is None else positions.rows(rows, sub.clean.shape[1])
+        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits, groups))
+    setup = Setup(model, task, ablation, tuple(chunks), positions)
     check_metric(setup.clean_metric(), task, "clean")
     return setup

@@ -7,7 +7,10 @@ For every receiver r the engine feeds
 where stream_r is what r reads in this very forward, current_s is sender s's output in this
 forward and ablated_s its output under the ablation (the corrupted run for resample ablation).
 `coef = 1 − mask` for a circuit; fractional or per-variant coefficients serve attribution and
-batched search. Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and
+batched search. At position grain (`groups`: the position of every token) the coefficient has a
+position dimension, coef[p, s, r], applied to the tokens of position p: one matmul per position.
+A neuron mask ([S, d], 1 = kept) ablates the other output dimensions of each sender for every
+receiver: the sender's output in this forward (current_s) is then partly ablated already. Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and
 nothing else. Receivers without any ablated incoming edge read the shared residual stream, so
 the full circuit costs one plain forward; patched receivers get their own copy only where needed.
 """
@@ -22,6 +25,7 @@ import torch
 from circuits.graph import Graph
 from circuits.model import components as C
 from circuits.model.adapters import Positional, Weights
+from circuits.positions import TokenGroups
 
 PATCH_CACHE_ENTRIES = 64
 
@@ -47,6 +51,8 @@ class Prefix:
     # patches from these senders, keyed by their coefficients: many forwards that start here
     # (ACDC's tests, exact scores) reuse them instead of re-reading every cached sender
     patches: dict = field(default_factory=dict, repr=False)
+    # delta with tokens sorted by position ([S_p, B·P, d]), for position-aware coefficients
+    by_group: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -62,31 +68,66 @@ class Run:
 def _active_columns(coef: torch.Tensor | None, n_receivers: int) -> torch.Tensor:
     if coef is None:
         return torch.zeros(n_receivers, dtype=torch.bool)
-    return (coef != 0).any(0).any(0).cpu()
+    return (coef != 0).reshape(-1, n_receivers).any(0).cpu()
 
 
 class _Deltas:
     """Ablated-minus-current outputs of the senders so far, laid out for one matmul per layer."""
 
     def __init__(self, prefix: Prefix | None, n_own: int, V: int, B: int, P: int, d: int,
-                 like: torch.Tensor):
+                 like: torch.Tensor, groups: TokenGroups | None = None):
         self.n_shared = 0 if prefix is None else prefix.delta.shape[0]
-        self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
+        self.groups = groups
         self.cache = None if prefix is None else prefix.patches
-        self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
+        if groups is None:
+            self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
+            self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
+        else:                                     # tokens sorted by position: [.., B·P, d]
+            self.shared = None
+            if prefix is not None:
+                self.shared = prefix.by_group.get("sorted")
+                if self.shared is None:
+                    self.shared = prefix.by_group["sorted"] = \
+                        prefix.delta.reshape(self.n_shared, B * P, d)[:, groups.order]
+            self.own = like.new_empty(V, n_own, B * P, d) if n_own else None
         self.V, self.B, self.P, self.d = V, B, P, d
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         V, B, P, d = self.V, self.B, self.P, self.d
-        torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+        if self.groups is None:
+            torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+        else:
+            diff = (ablated - out.reshape(V, B, P, d)).reshape(V, B * P, d)
+            self.own[:, s - self.n_shared] = diff[:, self.groups.order]
+
+    def _by_group(self, coef: torch.Tensor, src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[v, r, tokens of p] += Σ_s coef[v, p, s, r] · src[(v,) s, tokens of p], tokens sorted.
+
+        coef: [V, G, n, R]; src: [n, B·P, d] (shared by the variants) or [V, n, B·P, d]."""
+        V, n, R, d = coef.shape[0], coef.shape[2], coef.shape[3], self.d
+        for p, a, b in self.groups.spans():
+            c = coef[:, p].transpose(1, 2)                                       # [V, R, n]
+            if src.dim() == 3:
+                part = (c.reshape(V * R, n) @ src[:, a:b].reshape(n, (b - a) * d)).view(V, R, b - a, d)
+            else:
+                part = torch.bmm(c, src[:, :, a:b].reshape(V, n, (b - a) * d)).view(V, R, b - a, d)
+            out[:, :, a:b] += part
+        return out
+
+    def _shared_matmul(self, coef: torch.Tensor, first: int) -> torch.Tensor:
+        if self.groups is None:
+            return coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+        V, R = coef.shape[0], coef.shape[-1]
+        out = coef.new_zeros(V, R, self.B * self.P, self.d)
+        return self._by_group(coef, self.shared[first : first + coef.shape[2]], out)
 
     def _shared_patch(self, coef: torch.Tensor, first: int) -> torch.Tensor:
         if self.cache is None:
-            return coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+            return self._shared_matmul(coef, first)
         key = (first, tuple(coef.shape), hash(coef.detach().cpu().numpy().tobytes()))
         hit = self.cache.get(key)
         if hit is None:
-            hit = coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+            hit = self._shared_matmul(coef, first)
             self.cache[key] = hit
             while len(self.cache) > PATCH_CACHE_ENTRIES:          # bounded: oldest first
                 self.cache.pop(next(iter(self.cache)))
@@ -94,7 +135,9 @@ class _Deltas:
 
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
         """coef: [V, n_senders − first, R] for senders [first, n_senders) → [R, V·B·P, d],
-        receiver-major."""
+        receiver-major. With groups, coef is [V, G, n_senders − first, R]."""
+        if self.groups is not None:
+            return self._patch_by_group(coef, n_senders, first)
         V, R = coef.shape[0], coef.shape[2]
         out = None
         ns = max(0, min(self.n_shared, n_senders) - first)
@@ -110,6 +153,18 @@ class _Deltas:
             return out.view(R, BP, self.d)
         return out.view(V, R, BP, self.d).transpose(0, 1).reshape(R, V * BP, self.d)
 
+    def _patch_by_group(self, coef: torch.Tensor, n_senders: int, first: int) -> torch.Tensor:
+        V, R, BP, d = coef.shape[0], coef.shape[3], self.B * self.P, self.d
+        ns = max(0, min(self.n_shared, n_senders) - first)
+        out = self._shared_patch(coef[:, :, :ns], first) if ns else coef.new_zeros(V, R, BP, d)
+        lo = max(first, self.n_shared)
+        if n_senders > lo:
+            self._by_group(coef[:, :, lo - first :], self.own[:, lo - self.n_shared : n_senders - self.n_shared], out)
+        out = out[:, :, self.groups.inverse]                                     # token order again
+        if V == 1:
+            return out.view(R, BP, d)
+        return out.transpose(0, 1).reshape(R, V * BP, d)
+
 
 def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
     """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
@@ -122,11 +177,10 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
     inputs = inverse = None
     mlp_patch = None
     if len(cols) or mlp_col >= 0:
-        V = coef.shape[0]
         idx = (c0 + cols).tolist() + ([mlp_col] if mlp_col >= 0 else [])
-        key = coef[:, :s0, idx].permute(2, 0, 1).reshape(len(idx), V * s0)
+        key = coef[..., :s0, idx].movedim(-1, 0).reshape(len(idx), -1)          # one row per receiver
         uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        patches = deltas.patch(uniq.view(-1, V, s0).permute(1, 2, 0), s0)       # [n_u, N·P, d]
+        patches = deltas.patch(uniq.view(-1, *coef.shape[:-2], s0).movedim(0, -1), s0)   # [n_u, N·P, d]
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
@@ -173,7 +227,9 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         record: bool = False,
         taps: bool = False,
         embeds: torch.Tensor | None = None,
-        stream: torch.Tensor | None = None) -> Run:
+        stream: torch.Tensor | None = None,
+        groups: TokenGroups | None = None,
+        neurons: torch.Tensor | None = None) -> Run:
     """One forward pass of the engine.
 
     tokens: [B, P]. positions: [B] the position whose logits are wanted (None: all positions).
@@ -184,10 +240,17 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     taps: keep the tensors `receiver_grads` needs. embeds: [B, P, d] replaces the input sender's
     output. stream: [S, B, P, d] values every sender writes to the stream instead of its own
     output (straight-through: gradients still flow through the sender's computation).
+    groups: the position of every token; coef is then [G, S, R] or [V, G, S, R], position-aware.
+    neurons: [S, d] the output dimensions of each sender kept clean (1) or ablated (0) for every
+    receiver (needs `ablated`).
     """
     arch = graph.arch
-    if coef is not None and coef.dim() == 2:
+    if coef is not None and coef.dim() == (2 if groups is None else 3):
         coef = coef.unsqueeze(0)
+    if groups is not None and coef is not None:
+        if coef.dim() != 4 or coef.shape[1] != groups.n:
+            raise ValueError(f"position-aware coef should be [V, {groups.n}, S, R], got {tuple(coef.shape)}")
+        groups = groups.to(w.device)
     V = 1 if coef is None else coef.shape[0]
     if coef is not None:
         if ablated is None:
@@ -195,6 +258,11 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         coef = coef.to(device=w.device, dtype=w.dtype)
     if (record or taps) and V != 1:
         raise ValueError("record/taps need a single variant")
+    off = None
+    if neurons is not None:
+        if ablated is None or prefix is not None:
+            raise ValueError("a neuron mask needs the ablated sender outputs and a forward from the input")
+        off = 1 - neurons.to(device=w.device, dtype=w.dtype)                   # [S, d]: ablated dims
     active = _active_columns(coef, graph.n_receivers)
     start = 0 if prefix is None else prefix.layer
 
@@ -211,7 +279,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     deltas = None
     if coef is not None:
         deltas = _Deltas(prefix, graph.n_senders - n_prefix,
-                         V, B, P, d, resid)
+                         V, B, P, d, resid, groups if coef is not None else None)
     outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None
     resid_log: list[torch.Tensor] = []
 
@@ -221,6 +289,17 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         if deltas is not None:
             deltas.put(s, ablated[s], out)
 
+    def neuron_ablated(first: int, out: torch.Tensor, heads: bool) -> torch.Tensor:
+        """Sender outputs (heads: [N, P, H, d], else [N, P, d]) with the dims off the mask ablated."""
+        n = out.shape[2] if heads else 1
+        abl = ablated[first : first + n]                                          # [n, B|1, P|1, d]
+        abl = abl.permute(1, 2, 0, 3) if heads else abl[0]
+        if abl.shape[0] > 1 and out.shape[0] != abl.shape[0]:
+            abl = abl.repeat(out.shape[0] // abl.shape[0], *([1] * (abl.dim() - 1)))
+        return out + (off[first : first + n] if heads else off[first]) * (abl - out)
+
+    if off is not None and prefix is None:
+        resid = neuron_ablated(0, resid, heads=False)
     if V > 1:
         resid = resid.repeat(V, 1, 1)
     if prefix is None:
@@ -254,6 +333,8 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid))                 # [N, P, H, d]
         if stream is not None:
             heads = heads + (stream[s0 : s0 + H].permute(1, 2, 0, 3) - heads).detach()
+        if off is not None:
+            heads = neuron_ablated(s0, heads, heads=True)
         for h in range(H):
             emit(s0 + h, heads[:, :, h])
         attn_out = heads.sum(2) + lw.b_O
@@ -267,13 +348,15 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
             n_in = int(graph.n_inputs[col])
             x = mid + mlp_patch.view(mid.shape)
             if n_in > s0:                                    # the layer's own heads (sequential)
-                x = x + deltas.patch(coef[:, s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
+                x = x + deltas.patch(coef[..., s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
         h2 = C.norm(arch, x, lw.ln2)
         if taps:
             tap[("mlp", layer)] = (x, h2)
         out = C.mlp(arch, lw, h2)
         if stream is not None:
             out = out + (stream[s0 + H] - out).detach()
+        if off is not None:
+            out = neuron_ablated(s0 + H, out, heads=False)
         emit(s0 + H, out)
         resid = (resid + attn_out + out) if arch.parallel else (mid + out)
 
@@ -283,7 +366,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     col = graph.logits_col
     x = resid
     if active[col]:
-        x = resid + deltas.patch(coef[:, :, col : col + 1], graph.n_senders).view(resid.shape)
+        x = resid + deltas.patch(coef[..., col : col + 1], graph.n_senders).view(resid.shape)
     if positions is not None:
         x = x[torch.arange(x.shape[0], device=x.device), positions]
     hf = C.norm(arch, x, w.ln_final)

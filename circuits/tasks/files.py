@@ -17,8 +17,12 @@ from typing import Any
 
 import torch
 
+from circuits import positions as positions_mod
 from circuits.tasks import mib
 from circuits.tasks.task import FIELDS, Metric, Task, TaskError, from_pairs, pad_id
+
+# optional: {label: token index} per row, naming token positions (`circuits.positions`)
+POSITIONS_FIELD = "positions"
 
 
 def _as_list(value) -> list:
@@ -114,16 +118,18 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
     metric = metric or Metric.LOGIT_DIFF
     required = [f for f in FIELDS if not (f == "wrong" and metric is Metric.LOGPROB)]
     clean, corrupted, answers, wrongs, lines = [], [], [], [], []
+    labels, where_of = [], []
     continued = 0
     for ln, row in rows:
         where = f"{path}, line {ln}"
-        unknown = sorted(set(row) - set(FIELDS))
+        unknown = sorted(set(row) - set(FIELDS) - {POSITIONS_FIELD})
         if unknown:
             raise TaskError(f"{where}: unknown field(s) {', '.join(unknown)}; "
                             f"a task row has {', '.join(FIELDS)}")
         missing = [f for f in required if f not in row or row[f] in ("", None, [])]
         if missing:
             raise TaskError(f"{where}: missing field(s) {', '.join(missing)}")
+        label = _labels(row.get(POSITIONS_FIELD), where)
         c = _prompt(tokenizer, row["clean"], where, bos)
         x = _prompt(tokenizer, row["corrupted"], where, bos)
         # logprob scores the answer alone: wrong answers are not read, so not tokenized either
@@ -143,6 +149,8 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
                 if vocab_size is not None and not 0 <= t < vocab_size:
                     raise TaskError(f"{where}: token id {t} is outside the model's vocabulary (0..{vocab_size - 1})")
             clean.append(c_i)
+            labels.append(label)
+            where_of.append(where)
             corrupted.append(x_i)
             answers.append(a_i)
             wrongs.append(wrong)
@@ -151,8 +159,27 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
     meta = {"source": str(path)}
     if continued:
         meta.update({"multi_token_answers": continued, "examples": len(rows)})
+    try:
+        names, index = positions_mod.check_labels(labels, [len(c) for c in clean], where_of)
+    except positions_mod.PositionError as err:
+        raise TaskError(str(err)) from None
     return from_pairs(path.stem, clean, corrupted, answers, wrongs, metric, pad_id=pad, lines=lines,
-                      meta=meta, source=str(path))
+                      meta=meta, source=str(path), position_names=names, position_index=index)
+
+
+def _labels(value: Any, where: str) -> dict:
+    """A row's position labels: {label: token index} (indices count the BOS token)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):                              # a CSV cell
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, dict) or not value:
+        raise TaskError(f"{where}: {POSITIONS_FIELD} should map labels to token indices, "
+                        f"e.g. {{\"S2\": 9, \"END\": 14}}; got {value!r:.60}")
+    return value
 
 
 def _continuation(tokenizer, answer: Any, metric: Metric) -> list[int] | None:
