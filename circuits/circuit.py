@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from circuits import positions as pos
 from circuits.errors import CircuitsError
 from circuits.graph import Graph
 
@@ -26,20 +27,33 @@ class CircuitFileError(CircuitsError, ValueError):
 
 @dataclass(frozen=True, eq=False)
 class Circuit:
+    """mask and scores are [S, R], or [P, S, R] when `positions` names P token positions.
+    neurons ([S, d] bool) keeps only some output dimensions of each sender (MIB neuron grain)."""
+
     graph: Graph
     mask: torch.Tensor                      # [S, R] bool
     scores: torch.Tensor | None = None      # [S, R] float32, higher = more important
     provenance: dict = field(default_factory=dict)
+    positions: tuple[str, ...] | None = None
+    neurons: torch.Tensor | None = None          # [S, d] bool: output dimensions kept
+    neuron_scores: torch.Tensor | None = None    # [S, d] float32
 
     @property
     def n_edges(self) -> int:
         return int((self.mask & self.graph.allowed).sum())
 
+    @property
+    def plain_mask(self) -> torch.Tensor:
+        """[S, R]: the edges kept at any position."""
+        return self.mask if self.positions is None else pos.summed(self.mask.bool())
+
     def edge_names(self) -> list[str]:
+        if self.positions is not None:
+            return pos.edge_names(self.graph, self.positions, self.mask)
         return self.graph.edge_names(self.mask)
 
     def node_names(self) -> list[str]:
-        nodes = self.graph.node_mask(self.mask)
+        nodes = self.graph.node_mask(self.plain_mask)
         return [n for n, keep in zip(self.graph.nodes, nodes.tolist()) if keep]
 
 
@@ -52,14 +66,29 @@ def arch_summary(graph: Graph) -> dict:
 
 def to_dict(circuit: Circuit) -> dict:
     g = circuit.graph
-    rows, cols = torch.nonzero(g.allowed, as_tuple=True)
-    mask = circuit.mask[rows, cols].tolist()
-    scores = circuit.scores[rows, cols].tolist() if circuit.scores is not None else [None] * len(mask)
-    edges = {g.edge_name(int(s), int(r)): {"score": sc, "in_graph": bool(m)}
-             for s, r, sc, m in zip(rows.tolist(), cols.tolist(), scores, mask)}
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "graph": arch_summary(g),
-            "provenance": circuit.provenance, "n_edges_in_graph": circuit.n_edges,
-            "nodes": circuit.node_names(), "edges": edges}
+    if circuit.positions is None:
+        rows, cols = torch.nonzero(g.allowed, as_tuple=True)
+        mask = circuit.mask[rows, cols].tolist()
+        scores = circuit.scores[rows, cols].tolist() if circuit.scores is not None else [None] * len(mask)
+        names = [g.edge_name(int(s), int(r)) for s, r in zip(rows.tolist(), cols.tolist())]
+    else:
+        P = len(circuit.positions)
+        ps, rows, cols = torch.nonzero(g.allowed.expand(P, -1, -1), as_tuple=True)
+        mask = circuit.mask[ps, rows, cols].tolist()
+        scores = circuit.scores[ps, rows, cols].tolist() if circuit.scores is not None else [None] * len(mask)
+        names = [pos.edge_name(g, circuit.positions, p, s, r)
+                 for p, s, r in zip(ps.tolist(), rows.tolist(), cols.tolist())]
+    edges = {name: {"score": sc, "in_graph": bool(m)} for name, sc, m in zip(names, scores, mask)}
+    out = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "graph": arch_summary(g),
+           "provenance": circuit.provenance, "n_edges_in_graph": circuit.n_edges,
+           "nodes": circuit.node_names(), "edges": edges}
+    if circuit.positions is not None:
+        out["positions"] = list(circuit.positions)
+    if circuit.neurons is not None:
+        out["neurons"] = {name: [int(x) for x in row.tolist()] for name, row in zip(g.senders, circuit.neurons)}
+    if circuit.neuron_scores is not None:
+        out["neuron_scores"] = {name: row.tolist() for name, row in zip(g.senders, circuit.neuron_scores)}
+    return out
 
 
 def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
@@ -74,27 +103,57 @@ def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
         if key in theirs and theirs[key] != summary[key]:
             raise CircuitFileError(f"{source}: made for a model with {key}={theirs[key]}, "
                                    f"this model has {summary[key]}")
-    mask, scores = edges_from_dict(data.get("edges", {}), graph, source)
-    return Circuit(graph, mask, scores, dict(data.get("provenance", {})))
+    names = data.get("positions")
+    if names is not None and (not isinstance(names, list) or not names
+                              or not all(isinstance(n, str) for n in names)):
+        raise CircuitFileError(f"{source}: 'positions' should be a list of position names")
+    names = None if names is None else tuple(names)
+    mask, scores = edges_from_dict(data.get("edges", {}), graph, source, names)
+    neurons = _neuron_table(data.get("neurons"), graph, source, "neurons")
+    neuron_scores = _neuron_table(data.get("neuron_scores"), graph, source, "neuron_scores")
+    return Circuit(graph, mask, scores, dict(data.get("provenance", {})), names,
+                   None if neurons is None else neurons.bool(), neuron_scores)
 
 
-def edges_from_dict(edges: dict, graph: Graph, source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """{edge name: {"score", "in_graph"}} → (mask, scores or None when no edge has a score)."""
-    mask = graph.empty_mask()
-    scores = torch.zeros(graph.n_senders, graph.n_receivers)
+def _neuron_table(table, graph: Graph, source: str, key: str) -> torch.Tensor | None:
+    """{sender: [d values]} → [S, d] float, every sender present."""
+    if table is None:
+        return None
+    d = graph.arch.d_model
+    if not isinstance(table, dict) or set(table) != set(graph.senders):
+        raise CircuitFileError(f"{source}: '{key}' should map every sender ({graph.senders[0]}, …) to "
+                               f"{d} values")
+    rows = []
+    for name in graph.senders:
+        row = table[name]
+        if not isinstance(row, list) or len(row) != d or not all(isinstance(x, (int, float)) for x in row):
+            raise CircuitFileError(f"{source}: '{key}' of {name} should be {d} numbers")
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def edges_from_dict(edges: dict, graph: Graph, source: str,
+                    positions: tuple[str, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """{edge name: {"score", "in_graph"}} → (mask, scores or None when no edge has a score);
+    [P, S, R] with position names (edges named `s@p->r@p`)."""
+    shape = (graph.n_senders, graph.n_receivers) if positions is None else \
+        (len(positions), graph.n_senders, graph.n_receivers)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    scores = torch.zeros(shape)
     has_scores = False
+    locate = graph.edge if positions is None else (lambda name: pos.edge(graph, positions, name))
     for name, edge in edges.items():
         try:
-            s, r = graph.edge(name)
+            at = locate(name)                            # (s, r) or (p, s, r)
         except KeyError as err:
             raise CircuitFileError(f"{source}: {err.args[0]}") from None
         if not isinstance(edge, dict):
             raise CircuitFileError(f"{source}: edge {name!r} should be an object with score and in_graph, "
                                    f"got {edge!r:.60}")
-        mask[s, r] = bool(edge.get("in_graph", False))
+        mask[at] = bool(edge.get("in_graph", False))
         if edge.get("score") is not None:
             try:
-                scores[s, r] = float(edge["score"])
+                scores[at] = float(edge["score"])
             except (TypeError, ValueError):
                 raise CircuitFileError(f"{source}: edge {name!r} has score {edge['score']!r:.60}, "
                                        f"not a number") from None

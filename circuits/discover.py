@@ -79,10 +79,15 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     def faithful(n: int) -> bool:
         return normalized_faithfulness(setup.metric(mask_for(n)).mean().item(), empty, full) >= target
 
+    return mask_for(_smallest(setup.n_edges, faithful))     # at position grain: P × E edges
+
+
+def _smallest(n_max: int, faithful) -> int:
+    """The first n on a doubling grid with faithful(n), then bisection down from it."""
     hi = 1
-    while hi < g.n_edges and not faithful(hi):
+    while hi < n_max and not faithful(hi):
         hi *= 2
-    hi = min(hi, g.n_edges)
+    hi = min(hi, n_max)
     lo = hi // 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -90,7 +95,38 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
             hi = mid
         else:
             lo = mid
-    return mask_for(hi)
+    return hi
+
+
+def select_neurons(setup: Setup, neuron_scores: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """[S, d] bool: the output dimensions kept, chosen from neuron scores by `sel` (top-n and
+    threshold count neurons; by default the fewest reaching the faithfulness target, every
+    edge kept)."""
+    values = neuron_scores.abs().flatten()
+    order = torch.sort(values, descending=True, stable=True).indices
+
+    def top(n: int) -> torch.Tensor:
+        keep = torch.zeros(values.numel(), dtype=torch.bool)
+        keep[order[:n]] = True
+        return keep.view_as(neuron_scores)
+
+    if sel.greedy is not None:
+        raise ValueError("greedy selection grows edges; at neuron grain use --top-n or --threshold")
+    if sel.top_n is not None:
+        return top(sel.top_n)
+    if sel.threshold is not None:
+        return neuron_scores.abs() >= sel.threshold
+    full_mask = setup.graph.full_mask()
+    empty = setup.metric(setup.graph.empty_mask()).mean().item()
+    full = setup.clean_metric().mean().item()
+    if behaviour_gap(full, empty) is None:
+        return top(1)
+
+    def faithful(n: int) -> bool:
+        m = setup.metric(full_mask, neurons=top(n)).mean().item()
+        return normalized_faithfulness(m, empty, full) >= sel.target_faithfulness
+
+    return top(_smallest(values.numel(), faithful))
 
 
 HYBRID_CANDIDATE_FAITHFULNESS = 0.95
@@ -99,13 +135,29 @@ HYBRID_CANDIDATE_FAITHFULNESS = 0.95
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
         checkpoint=None, resume: bool = False,
-        progress: bool = False, seed: int = 0, provenance: dict | None = None) -> Discovery:
-    """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`)."""
+        progress: bool = False, seed: int = 0, provenance: dict | None = None,
+        neurons: bool = False) -> Discovery:
+    """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`).
+
+    neurons: a neuron-level circuit instead: every edge kept, the output dimensions of each sender
+    chosen by an attribution method's neuron scores (the selection counts neurons)."""
     g = setup.graph
     t0 = time.perf_counter()
     params: dict = {}
     details: dict = {}
-    if method in ("acdc", "hybrid"):
+    kept_neurons = neuron_scores = None
+    if neurons:
+        if setup.positions is not None:
+            raise ValueError("neuron masks are per sender, not per position: drop --positions or --neurons")
+        from circuits.methods.scoring import neuron_attribution
+        params = {"steps": steps or 5} if "steps" in methods.get(method).defaults else {}
+        found = neuron_attribution(setup, method, progress=progress, **params)
+        scores, neuron_scores = found.edges, found.neurons
+        kept_neurons = select_neurons(setup, neuron_scores, selection)
+        mask = g.full_mask()
+        params["selection"] = {**selection.describe(), "grain": "neurons"}
+        details = {"neurons": int(kept_neurons.sum()), "total_neurons": kept_neurons.numel()}
+    elif method in ("acdc", "hybrid"):
         tau = 0.01 if tau is None else tau
         if acdc_metric is None:       # ACDC's own choice, KL, unless the task's metric is a divergence
             acdc_metric = setup.task.metric if setup.task.metric.is_divergence else Metric.KL
@@ -138,7 +190,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         if selected is not None:
             details = {"selected_before_pruning": selected}
     seconds = time.perf_counter() - t0
-    faith = setup.faithfulness(mask)
+    faith = setup.faithfulness(mask, neurons=kept_neurons)
     prov = {"model": setup.model.spec, "task": {"name": setup.task.name, **setup.task.meta,
                                                  "examples": len(setup.task)},
             "metric": setup.task.metric.value, "ablation": setup.ablation.value, "method": method,
@@ -146,4 +198,6 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
     prov.update(provenance or {})
-    return Discovery(Circuit(g, mask, scores.float(), prov), faith, seconds, details)
+    names = None if setup.positions is None else setup.positions.names
+    return Discovery(Circuit(g, mask, scores.float(), prov, names, kept_neurons, neuron_scores),
+                     faith, seconds, details)

@@ -94,31 +94,35 @@ class Setup:
         position grain)."""
         return (~mask.bool() & self.graph.allowed).to(self.model.weights.dtype)
 
-    def logits(self, coef: torch.Tensor | None, chunk: Chunk, start_layer: int = 0) -> torch.Tensor:
+    def logits(self, coef: torch.Tensor | None, chunk: Chunk, start_layer: int = 0,
+               neurons: torch.Tensor | None = None) -> torch.Tensor:
         w, g = self.model.weights, self.graph
         tokens = chunk.task.clean.to(w.device)
         prefix = chunk.prefix(start_layer, g) if start_layer > 0 else None
         with torch.no_grad():
             return patching.run(w, g, tokens, positions=chunk.task.positions, coef=coef,
-                                ablated=chunk.ablated, prefix=prefix, groups=self._groups(coef, chunk)).logits
+                                ablated=chunk.ablated, prefix=prefix, groups=self._groups(coef, chunk),
+                                neurons=neurons).logits
 
     def metric_of_coef(self, coef: torch.Tensor, metric: Metric | None = None,
-                       start_layer: int = 0) -> torch.Tensor:
+                       start_layer: int = 0, neurons: torch.Tensor | None = None) -> torch.Tensor:
         """Metric per example for each variant: coef [S, R] → [B]; [V, S, R] → [V, B]
         (at position grain [P, S, R] → [B] and [V, P, S, R] → [V, B]; [S, R] still → [B])."""
         metric = metric or self.task.metric
         V = coef.shape[0] if coef.dim() == self._mask_dims() + 1 else None
         parts = []
         for chunk in self.chunks:
-            logits = self.logits(coef, chunk, start_layer)
+            logits = self.logits(coef, chunk, start_layer, neurons)
             values = metric_values(metric, logits, chunk.task, chunk.clean_logits)
             parts.append(values.view(V or 1, -1))
         out = torch.cat(parts, dim=1)
         return out if V is not None else out[0]
 
-    def metric(self, mask: torch.Tensor, metric: Metric | None = None) -> torch.Tensor:
-        """Metric per example with only the circuit's edges clean ([S, R] or [P, S, R] bool mask)."""
-        return self.metric_of_coef(self.coef(mask), metric)
+    def metric(self, mask: torch.Tensor, metric: Metric | None = None,
+               neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """Metric per example with only the circuit's edges clean ([S, R] or [P, S, R] bool mask);
+        neurons: [S, d] bool, the output dimensions of each sender kept (the others ablated)."""
+        return self.metric_of_coef(self.coef(mask), metric, neurons=neurons)
 
     def clean_metric(self, metric: Metric | None = None) -> torch.Tensor:
         metric = metric or self.task.metric
@@ -145,9 +149,9 @@ class Setup:
         empty = self.metric(self.graph.empty_mask()).mean().item()
         return behaviour_gap(self.clean_metric().mean().item(), empty) is not None
 
-    def faithfulness(self, mask: torch.Tensor) -> dict:
+    def faithfulness(self, mask: torch.Tensor, neurons: torch.Tensor | None = None) -> dict:
         """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means."""
-        m_c = self.metric(mask).mean().item()
+        m_c = self.metric(mask, neurons=neurons).mean().item()
         m_empty = self.metric(self.graph.empty_mask()).mean().item()
         m_full = self.clean_metric().mean().item()
         return {"circuit": m_c, "empty": m_empty, "model": m_full,

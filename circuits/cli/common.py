@@ -127,6 +127,34 @@ def _circuit_mask(args, model):
     return circ.mask, args.circuit, circ.provenance
 
 
+def circuit_arg(args, model, positions):
+    """(Circuit, label) of --circuit: a file, or 'full'/'empty' at the setup's grain."""
+    from circuits import circuit as circuit_io
+    g = model.graph
+    if args.circuit in (None, "full", "empty"):
+        label = args.circuit or "full"
+        mask = g.full_mask() if label == "full" else g.empty_mask()
+        names = None if positions is None else positions.names
+        if names is not None:
+            mask = mask.expand(len(names), -1, -1).clone()
+        return circuit_io.Circuit(g, mask, positions=names), label
+    return circuit_io.load(args.circuit, g), args.circuit
+
+
+def task_positions(args, task, circuit_positions=None):
+    """The task's token positions when --positions is given or the circuit is position-aware;
+    a position-aware circuit must name the task's positions."""
+    from circuits import positions as pos
+    if not getattr(args, "positions", False) and circuit_positions is None:
+        return None
+    found = pos.of_task(task)
+    if circuit_positions is not None and tuple(circuit_positions) != found.names:
+        raise pos.PositionError(f"the circuit's positions ({', '.join(circuit_positions[:8])}"
+                                f"{', …' if len(circuit_positions) > 8 else ''}) are not task {task.name}'s "
+                                f"({', '.join(found.names[:8])}{', …' if found.n > 8 else ''})")
+    return found
+
+
 def ablation_for(args, provenance: dict) -> str:
     """--ablation if given, else the one the circuit was found under (faithfulness depends on it)."""
     return args.ablation or provenance.get("ablation") or "resample"
@@ -157,5 +185,8 @@ def _add_common(p, task: bool = True) -> None:
         p.add_argument("--counterfactual", help="MIB task data: the counterfactual column to use as the "
                                                 "corrupted prompt (default: MIB's, e.g. s2_io_flip_counterfactual)")
         p.add_argument("--batch-size", type=positive_int, default=None, help="examples per forward (memory)")
+        p.add_argument("--positions", action="store_true",
+                       help="position-aware edges: one per token position (the task's position labels, "
+                            "else every token of equal-length prompts)")
 
 

@@ -32,6 +32,14 @@ def _check_options(args) -> None:
                          f"applies to scoring methods")
     if chosen and given("target_faithfulness"):
         raise ValueError(f"--target-faithfulness and {chosen[0]} are two ways to choose the size: give one")
+    if args.neurons:
+        if method in SEARCH or method == "exact":
+            raise ValueError(f"--neurons: neuron scores come from attribution (eap, eap-ig-*, clean-corrupted), "
+                             f"not {method}")
+        if args.positions:
+            raise ValueError("--neurons and --positions: neuron masks are per sender, not per position; give one")
+        if given("greedy"):
+            raise ValueError("--greedy grows edges; at neuron grain use --top-n or --threshold (they count neurons)")
 
 
 def _checkpoint(args) -> str | None:
@@ -55,7 +63,9 @@ def cmd_discover(args) -> int:
         _examples,
         _load_model_and_task,
         _print_json,
+        plural,
         refuse_overwriting_inputs,
+        task_positions,
         undefined_faithfulness,
     )
     _check_options(args)
@@ -66,7 +76,8 @@ def cmd_discover(args) -> int:
     from circuits import discover, evaluation, patching
     from circuits.tasks.task import Metric, TaskError
     model, task = _load_model_and_task(args)
-    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size,
+                               positions=task_positions(args, task))
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     target = 0.8 if args.target_faithfulness is None else args.target_faithfulness
@@ -75,7 +86,7 @@ def cmd_discover(args) -> int:
     found = discover.run(setup, args.method, selection=selection, tau=args.tau, steps=args.steps,
                          candidates=args.candidates, acdc_metric=Metric(args.acdc_metric) if args.acdc_metric else None,
                          checkpoint=checkpoint, resume=args.resume, progress=not args.quiet,
-                         seed=args.seed)
+                         seed=args.seed, neurons=args.neurons)
     circuit_io.save(found.circuit, args.out)
     if checkpoint and not args.checkpoint:
         Path(checkpoint).unlink(missing_ok=True)      # finished: the default checkpoint has served
@@ -85,14 +96,17 @@ def cmd_discover(args) -> int:
     found_nodes = set(c.node_names())
     summary = {"model": args.model, "task": task.name, "examples": task.meta.get("examples", len(task)),
                "metric": task.metric.value, "ablation": args.ablation, "method": args.method,
-               "edges": c.n_edges, "total_edges": model.graph.n_edges,
+               "edges": c.n_edges, "total_edges": setup.n_edges,
                "nodes": [n for n in c.node_names() if n not in ("input", "logits")],
                "faithfulness": found.faithfulness["faithfulness"], "seconds": round(found.seconds, 2),
                "out": args.out, **found.details}
+    if c.positions is not None:
+        summary["positions"] = list(c.positions)
+        summary["edges_by_position"] = {p: int(n) for p, n in zip(c.positions, (c.mask & model.graph.allowed).sum((1, 2)).tolist())}
     if roles:
         summary["known_heads"] = {k: {h: h in found_nodes for h in v} for k, v in roles.items()}
     truth = model.meta.get("tracr", {}).get("ground_truth", {}).get(args.ablation)
-    if truth and task.meta.get("generator") == "tracr":    # defined on the program's own task only
+    if truth and task.meta.get("generator") == "tracr" and c.positions is None:   # on the program's own task
         summary["ground_truth"] = _ground_truth(model, c, args.ablation)
     if args.json:
         _print_json(summary)
@@ -102,9 +116,17 @@ def cmd_discover(args) -> int:
     selected = found.details.get("selected_before_pruning")
     pruned = f"; {selected - c.n_edges} of {selected} selected pruned off input→logits paths" \
         if selected is not None and selected > c.n_edges else ""
-    print(f"circuit: {c.n_edges} of {model.graph.n_edges} edges "
-          f"({100 * c.n_edges / model.graph.n_edges:.1f}%){pruned}, "
-          f"components: {', '.join(summary['nodes']) or '-'}")
+    grain = "" if c.positions is None else f" at {plural(len(c.positions), 'position')}"
+    if c.neurons is not None:
+        print(f"neurons: {found.details['neurons']} of {found.details['total_neurons']} kept "
+              f"(every edge; {found.details['neurons'] / found.details['total_neurons']:.2%})")
+    else:
+        print(f"circuit: {c.n_edges} of {setup.n_edges} edges{grain} "
+              f"({100 * c.n_edges / setup.n_edges:.1f}%){pruned}, "
+              f"components: {', '.join(summary['nodes']) or '-'}")
+    if c.positions is not None:
+        used = [f"{p} {n}" for p, n in summary["edges_by_position"].items() if n]
+        print("edges by position: " + (", ".join(used) or "-"))
     print(f"faithfulness {summary['faithfulness']:.3f}   time {found.seconds:.1f}s   written to {args.out}")
     if args.method in SEARCH and summary["faithfulness"] < 0.5:
         print(f"note: ACDC kept only edges whose removal moves {found.circuit.provenance['parameters']['acdc_metric']} "
@@ -169,6 +191,9 @@ def add_discover(sub, add_common) -> None:
                         "with faithfulness >= 0.95)")
     p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5)")
     p.add_argument("--no-prune", action="store_true", help="keep edges off input→logits paths")
+    p.add_argument("--neurons", action="store_true",
+                   help="neuron grain: keep every edge and choose the output dimensions of each component "
+                        "by attribution (--top-n/--threshold count neurons)")
     p.add_argument("--out", "-o", default="circuit.json", help="circuit file to write (default circuit.json)")
     p.add_argument("--checkpoint", help="ACDC checkpoint file (default OUT.ckpt.pt)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint")

@@ -11,11 +11,12 @@ from circuits.cli.common import (
     EXIT_OK,
     OneLineParser,
     _add_common,
-    _circuit_mask,
+    circuit_arg,
     _examples,
     _load_model_and_task,
     _print_json,
     ablation_for,
+    task_positions,
     note_other_model,
     plural,
     preflight,
@@ -37,9 +38,11 @@ def cmd_models(args) -> int:
 
 
 def cmd_graph(args) -> int:
+    from circuits import positions
     from circuits.model import loader
+    names = positions.names_from_spec(args.positions) if args.positions else None
     model = loader.load(args.model, seed=args.seed, device=args.device)
-    counts = model.graph.counts()
+    counts = model.graph.counts() if names is None else positions.counts(model.graph, names)
     counts["model"] = args.model
     if args.json:
         _print_json(counts)
@@ -54,6 +57,9 @@ def cmd_graph(args) -> int:
           ", ".join(f"{k} {v}" for k, v in counts["receivers"].items() if v))
     print(f"edges     {counts['edges']['total']:>8}  " +
           ", ".join(f"{k} {v}" for k, v in counts["edges"]["by_receiver"].items()))
+    if names is not None:
+        shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+        print(f"positions {len(names):>8}  ({shown}): {counts['edges']['per_position']} edges at each")
     return EXIT_OK
 
 
@@ -63,29 +69,38 @@ def cmd_evaluate(args) -> int:
     from circuits import evaluation, patching
     from circuits.tasks.task import metric_values
     model, task = _load_model_and_task(args)
-    mask, label, provenance = _circuit_mask(args, model)
+    circ, label = circuit_arg(args, model, task_positions(args, task))
+    mask, provenance = circ.mask, circ.provenance
     note_other_model(args, provenance)
     ablation = ablation_for(args, provenance)
-    setup = evaluation.prepare(model, task, patching.Ablation(ablation), batch_size=args.batch_size)
+    setup = evaluation.prepare(model, task, patching.Ablation(ablation), batch_size=args.batch_size,
+                               positions=task_positions(args, task, circ.positions))
     with torch.no_grad():
         corrupted_logits = patching.run(model.weights, model.graph, task.corrupted.to(model.weights.device),
                                         positions=task.positions).logits
     clean_logits = torch.cat([c.clean_logits for c in setup.chunks])
     m_corr = metric_values(task.metric, corrupted_logits, task, clean_logits).mean().item()
-    f = setup.faithfulness(mask)
+    f = setup.faithfulness(mask, neurons=circ.neurons)
     # Multi-token answers have one row per answer token: the per-example value is the row mean
     # times rows per example (log-probability of the whole continuation).
     scale = len(task) / task.meta.get("examples", len(task))
     report = {"model": args.model, "task": task.name, "examples": task.meta.get("examples", len(task)),
               "metric": task.metric.value, "ablation": ablation, "circuit": label,
-              "edges": int((mask & model.graph.allowed).sum()), "total_edges": model.graph.n_edges,
+              "edges": circ.n_edges, "total_edges": setup.n_edges,
               "clean": scale * f["model"], "corrupted": scale * m_corr, "empty_circuit": scale * f["empty"],
               "with_circuit": scale * f["circuit"], "faithfulness": f["faithfulness"]}
+    if circ.positions is not None:
+        report["positions"] = list(circ.positions)
+    if circ.neurons is not None:
+        report["neurons"] = int(circ.neurons.sum())
+        report["total_neurons"] = circ.neurons.numel()
     if args.json:
         _print_json(report)
     else:
         print(f"{task.name}: {_examples(task)}, metric {task.metric.value}, {ablation} ablation")
-        print(f"circuit {label}: {report['edges']} of {report['total_edges']} edges")
+        grain = "" if circ.positions is None else f" ({plural(len(circ.positions), 'position')})"
+        kept = "" if circ.neurons is None else f", {report['neurons']} of {report['total_neurons']} neurons"
+        print(f"circuit {label}: {report['edges']} of {report['total_edges']} edges{grain}{kept}")
         for key in ("clean", "corrupted", "empty_circuit", "with_circuit"):
             print(f"  {key:<14} {report[key]: .4f}")
         if f["faithfulness"] != f["faithfulness"]:
@@ -107,6 +122,9 @@ def parser() -> OneLineParser:
     p = sub.add_parser("graph", help="node and edge counts of a model's graph",
                        epilog="example: circuits graph random:gpt2-small --json")
     p.add_argument("model", help="model spec: built-in name, random:<arch>, checkpoint dir, or hub id")
+    p.add_argument("--positions", metavar="N|LABELS",
+                   help="position-aware graph: N numbered positions or comma-separated labels "
+                        "(every edge once per position)")
     _add_common(p, task=False)
     p.set_defaults(func=cmd_graph)
 

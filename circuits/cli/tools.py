@@ -35,6 +35,7 @@ def cmd_verify(args) -> int:
         ablation_for,
         note_other_model,
         plural,
+        task_positions,
         undefined_faithfulness,
     )
     from circuits.tasks.task import TaskError
@@ -46,16 +47,23 @@ def cmd_verify(args) -> int:
     circ = circuit_io.load(args.circuit, model.graph)
     note_other_model(args, circ.provenance)
     args.ablation = ablation_for(args, circ.provenance)
-    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size)
+    if args.positions and circ.positions is None:
+        raise ValueError(f"--positions: {args.circuit} is not position-aware (discover it with --positions)")
+    setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size,
+                               positions=task_positions(args, task, circ.positions))
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     mask = circ.mask & model.graph.allowed
     empty, full = checks.baselines(setup)
-    m_c = setup.metric(mask).mean().item()
+    m_c = setup.metric(mask, neurons=circ.neurons).mean().item()
     report = {"circuit": args.circuit, "model": args.model, "task": task.name, "metric": task.metric.value,
-              "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": model.graph.n_edges,
+              "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": setup.n_edges,
               "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
+    if circ.positions is not None:
+        report["positions"] = list(circ.positions)
+    if circ.neurons is not None:          # the other checks below are at edge grain
+        report["neurons"] = int(circ.neurons.sum())
     if circ.scores is not None:
         points = checks.faithfulness_curve(setup, circ.scores)
         cpr, cmd = checks.cpr_cmd(points)

@@ -5,6 +5,8 @@ MIB layout (as the MIB circuit track and EAP-IG read it): `cfg` (n_layers, n_hea
 parallel_attn_mlp, d_model), `nodes` {name: {in_graph}}, `edges` {name: {score, in_graph}};
 the .pt file holds the same as dense [n_forward, n_backward] tensors with `src_nodes` and
 `dst_nodes` naming rows and columns — exactly this project's sender/receiver index.
+Neuron-level circuits carry `neurons_in_graph` and `neurons_scores` ([n_forward, d_model] in the
+.pt file; per node `neurons` and `neurons_scores` lists in JSON), as EAP-IG writes them.
 """
 
 from __future__ import annotations
@@ -42,17 +44,61 @@ def mib_cfg(graph: Graph) -> dict:
             "d_model": a.d_model}
 
 
+def _check_plain(circuit: Circuit) -> None:
+    if circuit.positions is not None:
+        raise CircuitFileError("the MIB format has no token positions; export a position-aware circuit "
+                               "as circuits JSON (--format json)")
+
+
 def to_mib(circuit: Circuit) -> dict:
     g = circuit.graph
     _check_mib_expressible(g)
+    _check_plain(circuit)
     nodes = g.node_mask(circuit.mask)
     nodes[0] = nodes[0] or bool(circuit.mask.any())
     rows, cols = torch.nonzero(g.allowed, as_tuple=True)
     scores = circuit.scores if circuit.scores is not None else torch.zeros(g.n_senders, g.n_receivers)
     edges = {g.edge_name(s, r): {"score": float(scores[s, r]), "in_graph": bool(circuit.mask[s, r])}
              for s, r in zip(rows.tolist(), cols.tolist())}
-    return {"cfg": mib_cfg(g), "nodes": {n: {"in_graph": bool(k)} for n, k in zip(g.nodes, nodes.tolist())},
-            "edges": edges}
+    out = {"cfg": mib_cfg(g), "nodes": {n: {"in_graph": bool(k)} for n, k in zip(g.nodes, nodes.tolist())},
+           "edges": edges}
+    _neurons_to_mib_nodes(circuit, out["nodes"])
+    return out
+
+
+def _neurons_to_mib_nodes(circuit: Circuit, nodes: dict) -> None:
+    """Per forward node `neurons` (1/0 per dimension) and `neurons_scores`, when the circuit has them."""
+    for key, table in (("neurons", circuit.neurons), ("neurons_scores", circuit.neuron_scores)):
+        if table is None:
+            continue
+        values = table.float().tolist()
+        for name, row in zip(circuit.graph.senders, values):
+            nodes[name][key] = row
+
+
+def _neurons_from_mib_nodes(nodes: Any, graph: Graph, source: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(neurons_in_graph [S, d] bool, neurons_scores [S, d]) from MIB JSON nodes, None where absent."""
+    if not isinstance(nodes, dict):
+        return None, None
+    out = []
+    d = graph.arch.d_model
+    for key in ("neurons", "neurons_scores"):
+        present = [n for n in graph.senders if isinstance(nodes.get(n), dict) and key in nodes[n]]
+        if not present:
+            out.append(None)
+            continue
+        if len(present) != graph.n_senders:
+            missing = next(n for n in graph.senders if n not in present)
+            raise CircuitFileError(f"{source}: node {missing} has no {key!r}, but other nodes do")
+        rows = [nodes[n][key] for n in graph.senders]
+        if any(not isinstance(r, list) or len(r) != d for r in rows):
+            raise CircuitFileError(f"{source}: every node's {key!r} should list {d} values (d_model)")
+        try:
+            out.append(torch.tensor(rows, dtype=torch.float32))
+        except (TypeError, ValueError):
+            raise CircuitFileError(f"{source}: {key!r} should hold numbers") from None
+    neurons, scores = out
+    return (None if neurons is None else neurons.bool()), scores
 
 
 def _check_cfg(cfg: Any, graph: Graph, source: str) -> None:
@@ -75,7 +121,9 @@ def from_mib(data: Any, graph: Graph, source: str = "MIB circuit") -> Circuit:
         raise CircuitFileError(f"{source}: MIB 'edges' should map edge names to {{score, in_graph}}")
     _check_cfg(data["cfg"], graph, source)
     mask, scores = edges_from_dict(data["edges"], graph, source)
-    return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"})
+    neurons, neuron_scores = _neurons_from_mib_nodes(data.get("nodes"), graph, source)
+    return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"},
+                   neurons=neurons, neuron_scores=neuron_scores)
 
 
 def save_mib_json(circuit: Circuit, path: str | Path) -> None:
@@ -86,13 +134,19 @@ def save_mib_pt(circuit: Circuit, path: str | Path) -> None:
     """Dense tensors and plain containers only: loadable with torch.load(weights_only=True)."""
     g = circuit.graph
     _check_mib_expressible(g)
+    _check_plain(circuit)
     scores = circuit.scores if circuit.scores is not None else torch.zeros(g.n_senders, g.n_receivers)
     nodes = g.node_mask(circuit.mask)[: g.n_senders]
-    torch.save({"cfg": mib_cfg(g), "src_nodes": list(g.senders),
-                "dst_nodes": [r.name for r in g.receivers],
-                "edges_scores": (scores.float() * g.allowed).contiguous(),
-                "edges_in_graph": (circuit.mask & g.allowed).contiguous(),
-                "nodes_in_graph": nodes.contiguous()}, path)
+    data = {"cfg": mib_cfg(g), "src_nodes": list(g.senders),
+            "dst_nodes": [r.name for r in g.receivers],
+            "edges_scores": (scores.float() * g.allowed).contiguous(),
+            "edges_in_graph": (circuit.mask & g.allowed).contiguous(),
+            "nodes_in_graph": nodes.contiguous()}
+    if circuit.neurons is not None:
+        data["neurons_in_graph"] = circuit.neurons.bool().contiguous()
+    if circuit.neuron_scores is not None:
+        data["neurons_scores"] = circuit.neuron_scores.float().contiguous()
+    torch.save(data, path)
 
 
 def _existing(path: str | Path) -> Path:
@@ -145,7 +199,14 @@ def _load_mib_pt(path: Path, graph: Graph) -> Circuit:
         if not isinstance(d[key], torch.Tensor) or d[key].shape != graph.allowed.shape:
             raise CircuitFileError(f"{path}: {key} should be a tensor of shape {tuple(graph.allowed.shape)}")
     mask = d["edges_in_graph"].bool() & graph.allowed
-    return Circuit(graph, mask, d["edges_scores"].float(), {"imported_from": str(path), "format": "mib-pt"})
+    neuron_shape = (graph.n_senders, graph.arch.d_model)
+    for key in ("neurons_in_graph", "neurons_scores"):
+        if d.get(key) is not None and (not isinstance(d[key], torch.Tensor) or tuple(d[key].shape) != neuron_shape):
+            raise CircuitFileError(f"{path}: {key} should be a tensor of shape {neuron_shape} (senders × d_model)")
+    neurons = None if d.get("neurons_in_graph") is None else d["neurons_in_graph"].bool()
+    neuron_scores = None if d.get("neurons_scores") is None else d["neurons_scores"].float()
+    return Circuit(graph, mask, d["edges_scores"].float(), {"imported_from": str(path), "format": "mib-pt"},
+                   neurons=neurons, neuron_scores=neuron_scores)
 
 
 def load_mib(path: str | Path, graph: Graph) -> Circuit:

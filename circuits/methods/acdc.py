@@ -14,6 +14,8 @@ Speed, without changing the result:
 - speculation: k consecutive candidate edges run as k variants of one batch, variant j assuming
   candidates 0..j−1 were removed. The walk stops at the first kept edge and later variants are
   recomputed, so decisions are exactly the sequential ones.
+At position grain (a setup prepared with positions) every edge is tested once per position,
+masks and scores are [P, S, R]; the walk is the same.
 A checkpoint is written every `checkpoint_every` seconds and on interruption; `resume` continues
 with identical decisions.
 """
@@ -36,7 +38,7 @@ from circuits.tasks.task import Metric
 
 @dataclass(frozen=True)
 class AcdcResult:
-    mask: torch.Tensor          # [S, R] bool
+    mask: torch.Tensor          # [S, R] bool ([P, S, R] at position grain)
     scores: torch.Tensor        # [S, R] importance measured when each edge was tested (0 untested)
     tested: int                 # edges tested with a forward
     forwards: float             # forward passes, in units of one full forward of the batch
@@ -76,7 +78,7 @@ def _measure_overhead(setup: Setup, mask: torch.Tensor, metric: Metric, layer: i
     times = {}
     for V in (1, 4, 1, 4):
         t = time.perf_counter()
-        setup.metric_of_coef(coef.expand(V, -1, -1), metric, start_layer=layer)
+        setup.metric_of_coef(coef.expand(V, *coef.shape), metric, start_layer=layer)
         times[V] = time.perf_counter() - t
     per_variant = max((times[4] - times[1]) / 3, 1e-9)
     return max(times[1] - per_variant, 0.0) / per_variant
@@ -97,7 +99,7 @@ def receiver_order(setup: Setup) -> list[int]:
 def _fingerprint(setup: Setup, tau: float, metric: Metric, candidates: torch.Tensor | None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([setup.model.spec, setup.task.name, setup.ablation.value, tau, metric.value,
-                         len(setup.task)]).encode())
+                         len(setup.task), setup.n_positions]).encode())
     h.update(setup.task.clean.numpy().tobytes())
     h.update(setup.task.corrupted.numpy().tobytes())
     if candidates is not None:
@@ -117,7 +119,7 @@ def _node_alive(setup: Setup, mask: torch.Tensor, r: int) -> bool:
     rec = g.receivers[r]
     if rec.channel is Channel.LOGITS:
         return True
-    return any(bool(mask[n].any()) for n in g.receiver_nodes(r))
+    return any(bool(mask[..., n, :].any()) for n in g.receiver_nodes(r))
 
 
 def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: int = 16,
@@ -133,8 +135,9 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     g = setup.graph
     t0 = time.perf_counter()
     fingerprint = _fingerprint(setup, tau, metric, start_mask)
-    mask = (g.full_mask() if start_mask is None else start_mask.clone().bool()) & g.allowed
-    scores = torch.zeros(g.n_senders, g.n_receivers)
+    mask = (setup.full_mask() if start_mask is None else start_mask.clone().bool()) & g.allowed
+    scores = torch.zeros(mask.shape)
+    n_pos = setup.n_positions
     order = receiver_order(setup)
     if receivers is not None:
         keep = set(receivers)
@@ -169,27 +172,29 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     n_layers = g.arch.n_layers
     # Edges into receivers before the walk's layer are still as the walk found them: with a start
     # mask that removed some, tests start from the state under that mask, not the clean one.
-    initial = (g.full_mask() if start_mask is None else start_mask.bool()) & g.allowed
-    walk = setup if naive or bool(initial.eq(g.allowed).all()) else setup.rebased(initial)
+    initial = (setup.full_mask() if start_mask is None else start_mask.bool()) & g.allowed
+    walk = setup if naive or bool(initial.eq(setup.full_mask()).all()) else setup.rebased(initial)
 
     total = int(mask.sum())
     bar = tqdm(total=total, desc=f"ACDC τ={tau:g}", unit="edge", disable=not progress)
-    bar.update(int(sum(int(mask[:, order[i]].sum()) for i in range(pos_r))) + pos_s)
+    bar.update(int(sum(int(mask[..., order[i]].sum()) for i in range(pos_r))) + pos_s)
     last_save = time.perf_counter()
     try:
         while pos_r < len(order) and (max_tests is None or tested < max_tests):
             r = order[pos_r]
             layer = min(g.receivers[r].layer, n_layers)
             start = 0 if naive else layer
-            senders = list(reversed(range(int(g.n_inputs[r]))))
+            # the edges into r, each an index into mask without r: (s,), or (p, s) at position grain
+            senders = [(s,) for s in reversed(range(int(g.n_inputs[r])))] if n_pos is None else \
+                [(p, s) for s in reversed(range(int(g.n_inputs[r]))) for p in reversed(range(n_pos))]
             if not _node_alive(setup, mask, r):
-                mask[:, r] = False
+                mask[..., r] = False
                 bar.update(len(senders) - pos_s)
                 pos_r, pos_s = pos_r + 1, 0
                 continue
             while pos_s < len(senders) and (max_tests is None or tested < max_tests):
                 s = senders[pos_s]
-                if not mask[s, r]:
+                if not mask[(*s, r)]:
                     pos_s += 1
                     bar.update(1)
                     continue
@@ -200,17 +205,17 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                     for s2 in senders[pos_s + 1 :]:
                         if len(batch) >= k:
                             break
-                        if mask[s2, r]:
+                        if mask[(*s2, r)]:
                             batch.append(s2)
-                coef = (~mask & g.allowed).float().expand(len(batch), -1, -1).clone()
+                coef = (~mask & g.allowed).float().expand(len(batch), *mask.shape).clone()
                 for j, sj in enumerate(batch):
-                    coef[j:, sj, r] = 1.0
+                    coef[(slice(j, None), *sj, r)] = 1.0
                 values = walk.metric_of_coef(coef, metric, start_layer=start).mean(1).tolist()
                 cost = (n_layers - start + 0.5) / (n_layers + 0.5)
                 forwards += cost * len(batch)
                 for j, sj in enumerate(batch):
                     tested += 1
-                    scores[sj, r] = sign * (values[j] - current)    # importance, see methods.base
+                    scores[(*sj, r)] = sign * (values[j] - current)    # importance, see methods.base
                     while senders[pos_s] != sj:
                         pos_s += 1
                         bar.update(1)
@@ -220,7 +225,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
                     spec.record(not removed)
                     if not removed:
                         break
-                    mask[sj, r] = False
+                    mask[(*sj, r)] = False
                     current = values[j]
                 bar.set_postfix(tested=tested, kept=int(mask.sum()), refresh=False)
                 if checkpoint is not None and time.perf_counter() - last_save > checkpoint_every:

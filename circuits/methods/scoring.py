@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from circuits.evaluation import Setup
-from circuits.methods.attribution import gradient_scores
+from circuits.methods.attribution import Attribution, attribute, gradient_scores
 from circuits.methods.base import importance_sign
 from circuits.methods.exact import exact_effects
 
@@ -42,3 +42,25 @@ def clean_corrupted(setup: Setup, progress: bool = False) -> torch.Tensor:
 
 def exact(setup: Setup, variants: int = 16, progress: bool = False) -> torch.Tensor:
     return importance_sign(setup) * exact_effects(setup, variants=variants, progress=progress)
+
+
+def _gradient_plan(method: str, steps: int) -> tuple[list[float], str]:
+    """(alphas, mode) of each gradient method, as the functions above call `gradient_scores`."""
+    plans = {"eap": ([1.0], "inputs"), "eap-ig-inputs": (_midpoints(steps), "inputs"),
+             "eap-ig-activations": (_midpoints(steps), "activations"),
+             "clean-corrupted": ([0.0, 1.0], "inputs")}
+    if method not in plans:
+        raise ValueError(f"neuron scores come from attribution: use one of {', '.join(plans)}, not {method}")
+    return plans[method]
+
+
+def neuron_attribution(setup: Setup, method: str = "eap-ig-activations", steps: int = 5,
+                       progress: bool = False) -> Attribution:
+    """Edge and neuron importances ([S, R] or [P, S, R], and [S, d]) from one gradient method's
+    backward passes: a neuron's score estimates ablating that output dimension of its sender."""
+    if method == "eap" and setup.task.metric.is_divergence:
+        eap(setup)                                               # raises with eap's reason
+    alphas, mode = _gradient_plan(method, steps)
+    found = attribute(setup, alphas, mode, progress, neurons=True)
+    sign = importance_sign(setup)
+    return Attribution(sign * found.edges, sign * found.neurons)

@@ -7,6 +7,8 @@
 - minimality: faithfulness lost without each component; components that are not needed;
 - ablation sensitivity: faithfulness under resample, mean and zero ablation;
 - stability: rediscover on bootstrap resamples of the task and compare (Jaccard).
+Every check takes position-aware [P, S, R] masks from a setup prepared with positions; a
+component there is a sender at every position.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from circuits import select
 from circuits.evaluation import Setup, normalized_faithfulness, prepare
 from circuits.graph import Graph
 from circuits.patching import Ablation
+from circuits.positions import Positions
 
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
@@ -49,7 +52,7 @@ def faithfulness_curve(setup: Setup, scores: torch.Tensor, percents=MIB_PERCENTS
     empty, full = baselines(setup)
     points = []
     for pct in percents:
-        n = int(pct / 100 * g.n_edges)
+        n = int(pct / 100 * setup.n_edges)
         mask = select.prune(g, select.top_n(g, scores, n, absolute=absolute))
         points.append(CurvePoint(pct, n, normalized(setup, mask, empty, full)))
     return points
@@ -69,13 +72,13 @@ def cpr_cmd(points: list[CurvePoint]) -> tuple[float, float]:
 
 
 def _components(graph: Graph, mask: torch.Tensor) -> list[int]:
-    nodes = graph.node_mask(mask)
+    nodes = graph.node_mask(mask if mask.dim() == 2 else mask.any(0))
     return [i for i in range(1, graph.n_senders) if nodes[i]]
 
 
 def _without_senders(mask: torch.Tensor, senders: list[int]) -> torch.Tensor:
     out = mask.clone()
-    out[senders] = False
+    out[..., senders, :] = False
     return out
 
 
@@ -88,7 +91,7 @@ def completeness(setup: Setup, mask: torch.Tensor, n_subsets: int = 16, seed: in
     subsets = [[c] for c in comps[:n_subsets // 2]]
     while len(subsets) < n_subsets and comps:
         subsets.append(sorted(c for c in comps if rng.random() < 0.5) or [rng.choice(comps)])
-    full = g.full_mask()
+    full = setup.full_mask()
     rows = []
     for K in subsets:
         f_c = setup.metric(_without_senders(mask, K)).mean().item()
@@ -117,7 +120,8 @@ def minimality(setup: Setup, mask: torch.Tensor, needed: float = 0.01) -> dict:
 def ablation_sensitivity(setup: Setup, mask: torch.Tensor) -> dict:
     out = {}
     for ablation in (Ablation.RESAMPLE, Ablation.MEAN, Ablation.ZERO):
-        other = setup if ablation is setup.ablation else prepare(setup.model, setup.task, ablation)
+        other = setup if ablation is setup.ablation else prepare(setup.model, setup.task, ablation,
+                                                                 positions=setup.positions)
         empty, full = baselines(other)
         out[ablation.value] = normalized(other, mask, empty, full)
     return out
@@ -136,6 +140,10 @@ def stability(setup: Setup, mask: torch.Tensor, rediscover, n_boot: int = 3, see
     scores = []
     for _ in range(n_boot):
         rows = torch.randint(0, len(setup.task), (len(setup.task),), generator=gen)
-        boot = prepare(setup.model, setup.task.subset(rows), setup.ablation)
+        sub = setup.task.subset(rows)
+        positions = None
+        if setup.positions is not None:
+            positions = Positions(setup.positions.names, setup.positions.group[rows, : sub.clean.shape[1]])
+        boot = prepare(setup.model, sub, setup.ablation, positions=positions)
         scores.append(jaccard(mask, rediscover(boot)))
     return {"bootstraps": n_boot, "jaccard": scores, "mean_jaccard": sum(scores) / len(scores) if scores else None}
