@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "circuits"
 LAYERS = [
     ["circuits.errors", "circuits.model.adapters", "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
      "circuits.tasks.builtin", "circuits.methods.registry"],
-    ["circuits.graph", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
+    ["circuits.graph", "circuits.positions", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
     ["circuits.patching"],
     ["circuits.model"],                                   # loading wraps, builds the graph, checks by patching
     ["circuits.evaluation", "circuits.circuit"],
