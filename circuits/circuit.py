@@ -61,7 +61,7 @@ def arch_summary(graph: Graph) -> dict:
     a = graph.arch
     return {"family": a.family, "n_layers": a.n_layers, "n_heads": a.n_heads,
             "n_kv_heads": a.n_kv_heads, "has_mlp": a.has_mlp, "parallel": a.parallel,
-            "n_edges": graph.n_edges}
+            "d_model": a.d_model, "n_edges": graph.n_edges}
 
 
 def to_dict(circuit: Circuit) -> dict:
@@ -176,7 +176,7 @@ def graph_from_summary(summary: dict) -> Graph:
     try:
         arch = Arch(family=summary.get("family", "unknown"), n_layers=int(summary["n_layers"]),
                     n_heads=int(summary["n_heads"]), n_kv_heads=int(summary.get("n_kv_heads", summary["n_heads"])),
-                    d_model=0, d_head=0, d_mlp=0 if not summary.get("has_mlp", True) else 1, d_vocab=0, n_ctx=0,
+                    d_model=int(summary.get("d_model", 0)), d_head=0, d_mlp=0 if not summary.get("has_mlp", True) else 1, d_vocab=0, n_ctx=0,
                     norm=Norm.NONE, norm_eps=0.0, positional=Positional.NONE,
                     parallel=bool(summary.get("parallel", False)), attn_only=not summary.get("has_mlp", True))
     except (KeyError, TypeError, ValueError):

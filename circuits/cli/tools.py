@@ -125,7 +125,8 @@ def cmd_render(args) -> int:
     refuse_overwriting_inputs([args.circuit], _render_outputs(args.output))
     circ = circuit_io.load(args.circuit)
     title = args.title or f"{circ.provenance.get('model', '')} {circ.provenance.get('method', '')} ({plural(circ.n_edges, 'edge')})"
-    out = render.render(render.to_dot(circ, title=title.strip()), args.output)
+    draw = render.to_dot if circ.positions is None else render.to_dot_positions
+    out = render.render(draw(circ, title=title.strip()), args.output)
     print(f"wrote {out}" + (f" and {Path(args.output).with_suffix('.dot')}" if out.suffix != ".dot" else ""))
     return 0
 
@@ -138,7 +139,8 @@ def cmd_export(args) -> int:
     fmt = args.format
     writers = {"json": circuit_io.save, "mib-json": formats.save_mib_json, "mib-pt": formats.save_mib_pt,
                "graphml": formats.save_graphml, "node-link": formats.save_node_link,
-               "dot": lambda c, p: Path(p).write_text(render.to_dot(c))}
+               "dot": lambda c, p: Path(p).write_text(
+                   render.to_dot(c) if c.positions is None else render.to_dot_positions(c))}
     writers[fmt](circ, args.output)
     print(f"wrote {args.output} ({fmt})")
     return 0

@@ -107,14 +107,51 @@ def compare_across_models(a: Circuit, b: Circuit, name_a: str = "A", name_b: str
 
 def compare(a: Circuit, b: Circuit, name_a: str = "A", name_b: str = "B") -> PairReport:
     if same_shape(a, b):
-        return compare_same_model(a, b, name_a, name_b)
+        positions = shared_positions(a, b)
+        if positions is not None and "note" in positions:
+            a, b = plain_view(a), plain_view(b)         # one grain for both: edges at any position
+        report = compare_same_model(a, b, name_a, name_b)
+        if positions is not None:
+            report.figures["positions"] = positions
+        return report
     return compare_across_models(a, b, name_a, name_b)
+
+
+def plain_view(c: Circuit) -> Circuit:
+    """A position-aware circuit as a plain one: its edges at any position, scores summed."""
+    if c.positions is None:
+        return c
+    scores = None if c.scores is None else c.scores.sum(0)
+    return Circuit(c.graph, c.plain_mask, scores, c.provenance, None, c.neurons, c.neuron_scores)
+
+
+def shared_positions(a: Circuit, b: Circuit) -> dict | None:
+    """Which token positions two position-aware circuits share: the positions where each has
+    edges, and per position the edges of each, shared edges and their Jaccard. None for two plain
+    circuits; a note when only one is position-aware or their positions differ."""
+    if a.positions is None and b.positions is None:
+        return None
+    if a.positions != b.positions:
+        which = "only one circuit is" if a.positions is None or b.positions is None else \
+            "the circuits name different positions; they are"
+        return {"note": f"{which} position-aware: compared position-summed (edges at any position)"}
+    allowed = a.graph.allowed
+    per = {}
+    for p, name in enumerate(a.positions):
+        ea, eb = a.mask[p] & allowed, b.mask[p] & allowed
+        na, nb, both = int(ea.sum()), int(eb.sum()), int((ea & eb).sum())
+        if na or nb:
+            per[name] = {"edges": [na, nb], "shared": both, "jaccard": both / (na + nb - both)}
+    return {"shared": [p for p, r in per.items() if r["edges"][0] and r["edges"][1]],
+            "only_a": [p for p, r in per.items() if not r["edges"][1]],
+            "only_b": [p for p, r in per.items() if not r["edges"][0]], "per_position": per}
 
 
 def diff_dot(a: Circuit, b: Circuit, title: str | None = None) -> str:
     """DOT of the union of two same-shape circuits, coloured shared / only A / only B."""
     if not same_shape(a, b):
         raise ValueError("a diff drawing needs two circuits on the same graph")
+    a, b = plain_view(a), plain_view(b)
     union = Circuit(a.graph, a.mask | b.mask, None, {})
     na, nb = set(a.node_names()), set(b.node_names())
     node_colours = {n: SHARED if (n in na and n in nb) else ONLY_A if n in na else ONLY_B
@@ -140,6 +177,7 @@ def format_report(r: PairReport) -> str:
                  f"  only {r.b}: {', '.join(f['only_b']) or '-'}"]
         for layer, row in f["per_layer"].items():
             lines.append(f"  layer {layer}: Jaccard {row['jaccard']:.2f}")
+        lines += _position_lines(r)
         return "\n".join(lines)
     lines = [f"{r.a} vs {r.b}: different models, aligned by relative depth", f"  {f['note']}"]
     for i in range(f["bins"]):
@@ -161,3 +199,17 @@ def edge_overlap_matrix(circuits: list[Circuit]) -> torch.Tensor:
             union = int((a | b).sum())
             out[i, j] = out[j, i] = int((a & b).sum()) / union if union else 1.0
     return out
+
+
+def _position_lines(r: PairReport) -> list[str]:
+    pos = r.figures.get("positions")
+    if pos is None:
+        return []
+    if "note" in pos:
+        return [f"  positions: {pos['note']}"]
+    lines = [f"  positions shared: {', '.join(pos['shared']) or '-'}; only {r.a}: {', '.join(pos['only_a']) or '-'}; "
+             f"only {r.b}: {', '.join(pos['only_b']) or '-'}"]
+    for name, row in pos["per_position"].items():
+        lines.append(f"  position {name}: edges {row['edges'][0]} / {row['edges'][1]}, shared {row['shared']}, "
+                     f"Jaccard {row['jaccard']:.2f}")
+    return lines
