@@ -7,6 +7,9 @@ and backward of it. Prints: position-aware EAP / (2F + 1B) (with the position-su
 same run beside it), one position-aware circuit evaluation / F (pruned top 1% and 10% of the
 P × E position-edges by EAP), and peak memory of position-aware EAP over one plain
 forward+backward (fresh subprocesses). Targets: ≤ 1.5, ≤ 1.5, ≤ 2.
+
+Each time is paired with its floor measured right before it (the ratio's median over repeats is
+reported), so the machine's speed drifting between phases does not enter the ratios.
 """
 
 from __future__ import annotations
@@ -20,7 +23,31 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import _status_kib, hf_module, make, timeit  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from bench_methods import _status_kib, hf_module, make  # noqa: E402
+
+
+def paired(op, floors, repeat=3):
+    """Median over repeats of time(op) / Σ time(floor), each floor timed just before op."""
+    op()                                             # warm-up
+    ratios = []
+    for _ in range(repeat):
+        base = 0.0
+        for floor in floors:
+            t = time.perf_counter()
+            floor()
+            base += time.perf_counter() - t
+        t = time.perf_counter()
+        op()
+        ratios.append((time.perf_counter() - t) / base)
+    return round(statistics.median(ratios), 3)
+
+
+def emit(result, key, value):
+    result[key] = value
+    print(f"{key}: {value}", file=sys.stderr, flush=True)     # progress, in case the run is cut short
 
 
 def child(args):
@@ -60,6 +87,8 @@ def main():
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--len", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -83,27 +112,28 @@ def main():
         m.zero_grad(set_to_none=True)
 
     g = model.graph
-    F = timeit(plain_forward, repeat=7)
-    FB = timeit(plain_fb, repeat=5)
     plain = evaluation.prepare(model, task)
     pos = evaluation.prepare(model, task, positions=positions.of_task(task))
-    eap_plain_t = timeit(lambda: methods.get("eap").score(plain))
-    eap_pos_t = timeit(lambda: methods.get("eap").score(pos))
     scores = methods.get("eap").score(pos)
     result = {"model": args.model, "batch": [args.n, args.len], "threads": args.threads,
-              "positions": pos.n_positions, "position_edges": pos.n_edges,
-              "F_seconds": round(F, 4), "FB_seconds": round(FB, 4),
-              "eap_positions_over_2F_plus_B": round(eap_pos_t / (F + FB), 3),
-              "eap_plain_over_2F_plus_B": round(eap_plain_t / (F + FB), 3)}
+              "positions": pos.n_positions, "position_edges": pos.n_edges}
+    t = time.perf_counter()
+    plain_forward()
+    emit(result, "F_seconds_once", round(time.perf_counter() - t, 3))
+    r = args.repeat
+    emit(result, "eap_positions_over_2F_plus_B", paired(lambda: methods.get("eap").score(pos), [plain_forward, plain_fb], r))
+    emit(result, "eap_plain_over_2F_plus_B", paired(lambda: methods.get("eap").score(plain), [plain_forward, plain_fb], r))
     for share in (0.01, 0.10):
         mask = select.prune(g, select.top_n(g, scores, int(share * pos.n_edges)))
-        t = timeit(lambda: pos.metric(mask))
-        result[f"eval_positions_pruned_top{int(share * 100)}pct_over_F"] = round(t / F, 3)
-        result[f"eval_positions_pruned_top{int(share * 100)}pct_edges"] = int(mask.sum())
+        emit(result, f"eval_positions_pruned_top{int(share * 100)}pct_edges", int(mask.sum()))
+        emit(result, f"eval_positions_pruned_top{int(share * 100)}pct_over_F",
+             paired(lambda: pos.metric(mask), [plain_forward], r))
     plain_mask = select.prune(g, select.top_n(g, scores.sum(0), g.n_edges // 10))
-    result["eval_plain_pruned_top10pct_over_F"] = round(timeit(lambda: plain.metric(plain_mask)) / F, 3)
-    result["eval_positions_full_over_F"] = round(timeit(lambda: pos.metric(pos.full_mask())) / F, 3)
-    result["F_seconds_after"] = round(timeit(plain_forward, repeat=5), 4)
+    emit(result, "eval_plain_pruned_top10pct_over_F", paired(lambda: plain.metric(plain_mask), [plain_forward], r))
+    emit(result, "eval_positions_full_over_F", paired(lambda: pos.metric(pos.full_mask()), [plain_forward], r))
+    if args.no_memory:
+        print(json.dumps(result, indent=1))
+        return
     plain_peak = peak_child(args, "plain")
     result["peak_mib_plain_forward_backward"] = round(plain_peak, 1)
     result["peak_eap_positions_over_plain"] = round(peak_child(args, "pos") / plain_peak, 3)

@@ -10,8 +10,8 @@ forward and ablated_s its output under the ablation (the corrupted run for resam
 batched search. At position grain (`groups`: the position of every token) the coefficient has a
 position dimension, coef[p, s, r], applied to the tokens of position p: one matmul per position.
 A neuron mask ([S, d], 1 = kept) ablates the other output dimensions of each sender for every
-receiver: the sender's output in this forward (current_s) is then partly ablated already. Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and
-nothing else. Receivers without any ablated incoming edge read the shared residual stream, so
+receiver: the sender's output in this forward (current_s) is then partly ablated already.
+Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and nothing else. Receivers without any ablated incoming edge read the shared residual stream, so
 the full circuit costs one plain forward; patched receivers get their own copy only where needed.
 """
 

@@ -159,6 +159,11 @@ def test_acdc_at_position_grain_equals_its_naive_reference():
     assert fast.mask.shape == setup.full_mask().shape
     assert torch.equal(fast.mask, naive.mask)
     assert 0 < int(fast.mask.sum()) < setup.n_edges
+    # from a start mask (hybrid): tests start from the cached state under that mask
+    start = select.top_n(model.graph, methods.get("eap").score(setup), 60)
+    fast = acdc(setup, 1e-4, start_mask=start)
+    naive = acdc(setup, 1e-4, start_mask=start, naive=True)
+    assert torch.equal(fast.mask, naive.mask) and not bool((fast.mask & ~start).any())
 
 
 def test_selection_and_pruning_at_position_grain():

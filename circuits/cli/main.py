@@ -86,7 +86,8 @@ def cmd_evaluate(args) -> int:
     scale = len(task) / task.meta.get("examples", len(task))
     report = {"model": args.model, "task": task.name, "examples": task.meta.get("examples", len(task)),
               "metric": task.metric.value, "ablation": ablation, "circuit": label,
-              "edges": circ.n_edges, "total_edges": setup.n_edges,
+              "edges": circ.n_edges,
+              "total_edges": model.graph.n_edges * (1 if circ.positions is None else len(circ.positions)),
               "clean": scale * f["model"], "corrupted": scale * m_corr, "empty_circuit": scale * f["empty"],
               "with_circuit": scale * f["circuit"], "faithfulness": f["faithfulness"]}
     if circ.positions is not None:
