@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import statistics  # noqa: E402
-import time  # noqa: E402
+import statistics
+import time
 
-from bench_methods import _status_kib, hf_module, make  # noqa: E402
+from bench_methods import _status_kib, hf_module, make
 
 
 def paired(op, floors, repeat=3):
@@ -127,7 +127,7 @@ def main():
         mask = select.prune(g, select.top_n(g, scores, int(share * pos.n_edges)))
         emit(result, f"eval_positions_pruned_top{int(share * 100)}pct_edges", int(mask.sum()))
         emit(result, f"eval_positions_pruned_top{int(share * 100)}pct_over_F",
-             paired(lambda: pos.metric(mask), [plain_forward], r))
+             paired(lambda mask=mask: pos.metric(mask), [plain_forward], r))
     plain_mask = select.prune(g, select.top_n(g, scores.sum(0), g.n_edges // 10))
     emit(result, "eval_plain_pruned_top10pct_over_F", paired(lambda: plain.metric(plain_mask), [plain_forward], r))
     emit(result, "eval_positions_full_over_F", paired(lambda: pos.metric(pos.full_mask()), [plain_forward], r))

@@ -12,6 +12,7 @@ order) whose index is ≥ t; tokens after the last label belong to it too.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class TokenGroups:
     bounds: tuple[int, ...]
 
     @staticmethod
-    def of(group: torch.Tensor, n: int) -> "TokenGroups":
+    def of(group: torch.Tensor, n: int) -> TokenGroups:
         flat = group.reshape(-1)
         order = torch.sort(flat, stable=True).indices
         inverse = torch.empty_like(order)
@@ -54,7 +55,7 @@ class TokenGroups:
         """(position, start, stop) into `order` for each position with tokens."""
         return [(p, lo, hi) for p, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])) if hi > lo]
 
-    def to(self, device) -> "TokenGroups":
+    def to(self, device) -> TokenGroups:
         return TokenGroups(self.group.to(device), self.n, self.order.to(device), self.inverse.to(device),
                            self.bounds)
 
@@ -133,7 +134,7 @@ def check_labels(labels: list[dict], lengths: list[int], where: list[str]) -> tu
                 raise PositionError(f"{loc}: position {name!r} is token {idx}, past the prompt's "
                                     f"{length} tokens (indices 0..{length - 1})")
         row = [lab[name] for name in names]
-        if any(a >= b for a, b in zip(row, row[1:])):
+        if any(a >= b for a, b in itertools.pairwise(row)):
             order = sorted(lab, key=lambda k: lab[k])
             raise PositionError(f"{loc}: position labels in token order {', '.join(order)}, but "
                                 f"{where[first]} has {', '.join(names)}; every row needs the same order "

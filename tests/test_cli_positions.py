@@ -42,7 +42,8 @@ def test_discover_evaluate_verify_render_compare_at_position_grain(capsys, tmp_p
     assert main(["discover", "random:gpt2-tiny", task, "--positions", "--method", "eap-ig-inputs", "--top-n", "20",
                  "-o", b, "--quiet"]) == 0
     assert "edges by position:" in capsys.readouterr().out
-    saved = json.loads(open(a).read())
+    with open(a) as f:
+        saved = json.load(f)
     assert saved["positions"] == ["X", "END"] and all("@" in e for e in saved["edges"])
     assert main(["evaluate", "random:gpt2-tiny", task, "--circuit", "full", "--positions", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -207,8 +207,8 @@ def _position_lines(r: PairReport) -> list[str]:
         return []
     if "note" in pos:
         return [f"  positions: {pos['note']}"]
-    lines = [f"  positions shared: {', '.join(pos['shared']) or '-'}; only {r.a}: {', '.join(pos['only_a']) or '-'}; "
-             f"only {r.b}: {', '.join(pos['only_b']) or '-'}"]
+    lines = [(f"  positions shared: {', '.join(pos['shared']) or '-'}; only {r.a}: {', '.join(pos['only_a']) or '-'}; "
+              f"only {r.b}: {', '.join(pos['only_b']) or '-'}")]
     for name, row in pos["per_position"].items():
         lines.append(f"  position {name}: edges {row['edges'][0]} / {row['edges'][1]}, shared {row['shared']}, "
                      f"Jaccard {row['jaccard']:.2f}")
