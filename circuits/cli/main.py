@@ -37,20 +37,21 @@ def cmd_models(args) -> int:
 
 
 def cmd_graph(args) -> int:
+    from circuits import graph
     from circuits.model import loader
-    model = loader.load(args.model, seed=args.seed, device=args.device)
-    counts = model.graph.counts()
+    a = loader.architecture(args.model)
+    g = graph.build(a)
+    counts = g.counts()
     counts["model"] = args.model
     if args.json:
         _print_json(counts)
         return EXIT_OK
-    a = model.arch
     kv = f" ({plural(a.n_kv_heads, 'KV head')})" if a.grouped else ""
     print(f"{args.model}: {a.family}, {plural(a.n_layers, 'layer')}, {plural(a.n_heads, 'head')}{kv}, "
           f"d_model {a.d_model}{', parallel attention+MLP' if a.parallel else ''}")
     n = counts["nodes"]
     print(f"nodes     {n['total']:>8}  (input 1, heads {n['heads']}, MLPs {n['mlps']}, logits 1)")
-    print(f"receivers {model.graph.n_receivers:>8}  " +
+    print(f"receivers {g.n_receivers:>8}  " +
           ", ".join(f"{k} {v}" for k, v in counts["receivers"].items() if v))
     print(f"edges     {counts['edges']['total']:>8}  " +
           ", ".join(f"{k} {v}" for k, v in counts["edges"]["by_receiver"].items()))
@@ -107,7 +108,7 @@ def parser() -> OneLineParser:
     p = sub.add_parser("graph", help="node and edge counts of a model's graph",
                        epilog="example: circuits graph random:gpt2-small --json")
     p.add_argument("model", help="model spec: built-in name, random:<arch>, checkpoint dir, or hub id")
-    _add_common(p, task=False)
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("evaluate", help="metric and faithfulness of a circuit on a task",
