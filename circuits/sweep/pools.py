@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,13 +138,16 @@ class SweepActor:
     """One Ray actor: one loaded model at a time, reused across the jobs it is given."""
 
     def __init__(self, threads: int):
+        t0 = time.perf_counter()
         import torch
         torch.set_num_threads(threads)
         from circuits.sweep import job as job_mod
         self.cache = job_mod.ModelCache()
+        self.startup = time.perf_counter() - t0
 
-    def pid(self) -> int:
-        return os.getpid()
+    def ready(self) -> tuple[int, float]:
+        """(pid, seconds the actor spent importing before its first job)."""
+        return os.getpid(), self.startup
 
     def run(self, job):
         from circuits.sweep import job as job_mod
@@ -196,6 +200,14 @@ def check_fits(res: Resources, capacity: dict) -> None:
                                 f"has {capacity.get(kind, 0):g}")
 
 
+def _reason(err: Exception) -> str:
+    """Ray's error text in one line: its first line, and the underlying exception (its last line)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0][:160] + (f" ... {lines[-1][:200]}" if len(lines) > 1 else "")
+
+
 class RayPool:
     """Ray actors, `sizes[resources]` of each kind; Ray places them by their resources."""
 
@@ -217,7 +229,7 @@ class RayPool:
         cls = self.ray.remote(SweepActor).options(max_restarts=0, max_task_retries=0, **res.ray_options())
         actor = cls.remote(max(1, int(res.cpus)))
         self.actors[slot] = actor
-        self.refs[actor.pid.remote()] = (slot, "ready")
+        self.refs[actor.ready.remote()] = (slot, "ready")
 
     def submit(self, slot: int, job) -> None:
         self.refs[self.actors[slot].run.remote(job)] = (slot, "result")
@@ -232,12 +244,11 @@ class RayPool:
             slot, kind = self.refs.pop(ref)
             try:
                 value = self.ray.get(ref)
-                out.append(Event(slot, kind, (value, None) if kind == "ready" else value))
+                out.append(Event(slot, kind, value))
             except self.ray.exceptions.RayError as err:
                 for other in [r for r, (s, _) in self.refs.items() if s == slot]:
                     del self.refs[other]     # the rest of a dead actor's calls will not come back
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                out.append(Event(slot, "died", f"Ray actor died ({type(err).__name__}: {reason[:200]})"))
+                out.append(Event(slot, "died", f"Ray actor died ({type(err).__name__}: {_reason(err)})"))
         return out
 
     def replace(self, slot: int) -> None:

@@ -25,6 +25,7 @@ from circuits.sweep.grid import Job
 LOCK = "sweep.lock"
 LOG = "sweep-log.jsonl"
 MAX_ATTEMPTS = 2                       # a failing job is retried once
+MAX_START_FAILURES = 3                 # a worker slot dying this often before it is ready stops the sweep
 
 
 class SweepLocked(CircuitsError, RuntimeError):
@@ -147,6 +148,10 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
     inflight: dict[int, tuple[Job, float]] = {}
     slot_model: dict[int, tuple] = {}
     pids: dict[int, int] = {}
+    deaths_before_ready: Counter = Counter()     # a worker that cannot even start is not retried forever
+
+    def show() -> None:
+        bar.set_postfix_str(f"done {len(result.done)}, failed {len(result.failed)}")
 
     def failure(job: Job, error: str) -> None:
         attempts[job.key] += 1
@@ -158,9 +163,6 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
             result.failed[job.key] = error
             show()
             bar.update(1)
-    def show() -> None:
-        bar.set_postfix_str(f"done {len(result.done)}, failed {len(result.failed)}")
-
 
     try:
         while pending or inflight:
@@ -180,15 +182,22 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
                 if ev.kind == "ready":
                     pid, startup = ev.payload
                     pids[ev.slot] = pid
+                    deaths_before_ready[ev.slot] = 0
                     if startup is not None:
                         result.worker_startup.append(startup)
                     log("worker", slot=ev.slot, pid=pid, startup_seconds=startup and round(startup, 3))
                     continue
                 job, _ = inflight.pop(ev.slot, (None, 0.0))
                 if ev.kind == "died":
-                    log("worker-died", slot=ev.slot, pid=pids.pop(ev.slot, None), reason=ev.payload,
+                    log("worker-died", slot=ev.slot, pid=pids.get(ev.slot), reason=ev.payload,
                         job=job.name if job else None)
                     slot_model.pop(ev.slot, None)
+                    if ev.slot not in pids:
+                        deaths_before_ready[ev.slot] += 1
+                        if deaths_before_ready[ev.slot] >= MAX_START_FAILURES:
+                            from circuits.sweep.pools import ExecutorError
+                            raise ExecutorError(f"the sweep's workers cannot start: {ev.payload}")
+                    pids.pop(ev.slot, None)
                     pool.replace(ev.slot)
                     if job is not None:
                         failure(job, str(ev.payload))
