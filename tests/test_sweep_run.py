@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from circuits.cli.main import main
-from circuits.sweep import grid, runner
+from circuits.sweep import runner
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_local_sweep_equals_each_discover_alone(local_sweep, tmp_path, capsys):
         mine, theirs = json.loads((out / job.name).read_text()), json.loads(alone.read_text())
         assert mine["edges"] == theirs["edges"], job.name                # every mask bit and score
         assert {k: v for k, v in mine.items() if k != "provenance"} == {k: v for k, v in theirs.items() if k != "provenance"}
-        strip = lambda p: {k: v for k, v in p.items() if k not in VOLATILE}   # noqa: E731
+        strip = lambda p: {k: v for k, v in p.items() if k not in VOLATILE}
         assert strip(mine["provenance"]) == strip(theirs["provenance"])
         assert mine["provenance"]["sweep"]["settings"] == s
     capsys.readouterr()

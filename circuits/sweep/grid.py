@@ -180,7 +180,9 @@ def check_model(spec, where: str) -> str:
     if spec in builtin:
         return spec
     if spec.startswith("random:"):
-        from circuits.model.loader import RANDOM_ARCHS      # the names live beside their builders
+        from circuits.model.loader import (
+            RANDOM_ARCHS,  # the names live beside their builders
+        )
         arch = spec.split(":", 1)[1]
         if arch not in RANDOM_ARCHS:
             raise GridError(f"{where}: unknown random architecture {arch!r}{_suggest(arch, RANDOM_ARCHS)} "
@@ -224,7 +226,7 @@ def takes_steps(method: str) -> bool:
 def _memory(v, where) -> int:
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*", str(v), re.I)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*", str(v), re.IGNORECASE)
     if not m:
         raise GridError(f"{where}: expected bytes or a size like '4GB', got {v!r}")
     unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")

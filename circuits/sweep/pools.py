@@ -9,6 +9,7 @@ each slot holds is what lets a dead worker cost only its own job.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -171,10 +172,11 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     owned = not ray.is_initialized()
     if owned:
         try:
+            quiet = {"log_to_driver": False, "logging_level": logging.ERROR}   # our log says what happened
             if address:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, **quiet)
             else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise ExecutorError(f"could not start or join {where}: {str(err).splitlines()[0]}") from None

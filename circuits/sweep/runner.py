@@ -138,7 +138,9 @@ def _pick(pending: deque, slot_model, slot_res, busy_models: set) -> Job | None:
 
 
 def _save(circuit, path: Path) -> None:
-    from circuits import circuit as circuit_io     # torch: imported once the workers are busy
+    from circuits import (
+        circuit as circuit_io,  # torch: imported once the workers are busy
+    )
     circuit_io.save(circuit, path)
 
 
@@ -221,7 +223,8 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
         raise
 
 
-def default_workers(executor: str, n_jobs: int, cpus: float) -> int:
+def default_workers(n_jobs: int, cpus: float) -> int:
+    """One worker per `cpus` CPUs of this machine, at most one per job."""
     return max(1, min(n_jobs, int((os.cpu_count() or 1) // max(cpus, 1e-9))))
 
 
@@ -287,7 +290,7 @@ def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo) -
             where = f"Ray actors ({'cluster ' + address if address else 'local Ray'}, started in {startup:.1f}s)"
         else:
             cpus = max(r.cpus for r in groups)
-            size = min(len(todo), workers or default_workers(executor, len(todo), cpus))
+            size = min(len(todo), workers or default_workers(len(todo), cpus))
             pool = pools.LocalPool(size, threads=max(1, (os.cpu_count() or 1) // size))
         result.workers = pool.size
         echo(f"sweep: {len(result.jobs)} jobs ({len(result.skipped)} done before, {len(todo)} to run) "
