@@ -211,3 +211,33 @@ def test_ray_killed_actor_and_raising_job_then_rerun(ray_session, tmp_path):
     assert results and len(results[0].done) == 4 and len(results[0].failed) == 1
     check_first_run(out, killed_job, pid)
     fix_and_rerun(tmp_path, out, lambda: runner.run(g, out, executor="ray", workers=2, quiet=True, echo=quiet))
+
+
+def test_ctrl_c_costs_only_the_jobs_in_flight(tmp_path):
+    g = tmp_path / "grid.toml"
+    g.write_text('models = "induction-2l"\ntasks = "induction"\nmethods = ["eap", "clean-corrupted"]\n'
+                 'seeds = [0, 1, 2]\nn = 16\ntop_n = 20\n')
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "circuits.cli.main", "sweep", str(g), "-o", str(out), "--workers", "1", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(e["event"] == "done" for e in events(out)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "sweep interrupted" in stderr
+    assert not (out / runner.LOCK).exists()
+    done = {r["file"] for r in summary(out) if r["status"] == "done"}
+    assert done and {r["status"] for r in summary(out)} == {"done", "not run"}
+    assert {p.name for p in out.glob("*.json")} == done              # no half-written circuit
+    interrupted = next(e for e in events(out) if e["event"] == "interrupted")
+    assert len(interrupted["in_flight"]) <= 1
+    n_before = len(events(out))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
+    started = {e["job"] for e in events(out)[n_before:] if e["event"] == "start"}
+    assert started == {r["file"] for r in summary(out)} - done        # only what was missing

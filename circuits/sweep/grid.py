@@ -391,7 +391,6 @@ def expand(data: dict, base: Path = Path("."), source: str = "grid") -> list[Job
         res = resources(data["resources"], "resources") if "resources" in data else Resources()
         if "device" not in data and res.gpus > 0:
             scalars["device"] = "cuda"           # a job that asks for a GPU runs on it
-        selection_given = [k for k in SELECTION_KEYS if k in axes]
         methods = axes["method"]
         _refuse_unused(axes, methods, data.get("include", []))
 
@@ -404,15 +403,12 @@ def expand(data: dict, base: Path = Path("."), source: str = "grid") -> list[Job
         jobs_res = [res] * len(settings)
         for i, (rule, table) in enumerate(zip(_rules(data, "include", base), data.get("include", []))):
             merged = {**axes, **rule}
-            if not any(k in rule for k in SELECTION_KEYS):
-                merged.update({k: axes[k] for k in selection_given})
-            else:
-                for k in SELECTION_KEYS:
-                    if k not in rule:
-                        merged.pop(k, None)
-            extra = _product(merged, scalars)
-            settings += extra
+            if any(k in rule for k in SELECTION_KEYS):       # its own selection replaces the grid's
+                merged = {k: v for k, v in merged.items() if k not in SELECTION_KEYS or k in rule}
             r = resources(table["resources"], f"include[{i}].resources") if "resources" in table else res
+            on_gpu = {"device": "cuda"} if r.gpus > 0 and "device" not in data else {}
+            extra = _product(merged, {**scalars, **on_gpu})
+            settings += extra
             jobs_res += [r] * len(extra)
     except GridError as err:
         if str(err).startswith(f"{source}: "):
