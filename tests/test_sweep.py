@@ -193,3 +193,10 @@ def test_done_means_the_file_matches_the_settings(tmp_path):
     assert runner.is_done(job, tmp_path)
     circuit_io.save(_fake_circuit(other, 0), tmp_path / job.name)     # someone else's settings
     assert not runner.is_done(job, tmp_path)
+
+
+def test_the_grids_torch_free_lists_match_the_library():
+    from circuits.patching import Ablation
+    from circuits.tasks.task import Metric
+    assert set(grid.METRICS) == {m.value for m in Metric}
+    assert set(grid.ABLATIONS) == {a.value for a in Ablation}
