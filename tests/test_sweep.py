@@ -200,3 +200,18 @@ def test_the_grids_torch_free_lists_match_the_library():
     from circuits.tasks.task import Metric
     assert set(grid.METRICS) == {m.value for m in Metric}
     assert set(grid.ABLATIONS) == {a.value for a in Ablation}
+
+
+def test_ray_missing_is_one_line_before_any_job(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)            # as if Ray were not installed
+    out = tmp_path / "out"
+    assert main(["sweep", str(write(tmp_path, GRID)), "-o", str(out), "--executor", "ray"]) == 2
+    assert "--executor ray needs Ray: pip install 'circuits[ray]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_default_workers_follow_cpus_memory_and_jobs():
+    cpus = os.cpu_count()
+    assert runner.default_workers(100, 1.0) == cpus
+    assert runner.default_workers(1, 1.0) == 1
+    assert runner.default_workers(100, 1.0, memory=10 ** 15) == 1          # a petabyte each: one at a time

@@ -223,9 +223,13 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
         raise
 
 
-def default_workers(n_jobs: int, cpus: float) -> int:
-    """One worker per `cpus` CPUs of this machine, at most one per job."""
-    return max(1, min(n_jobs, int((os.cpu_count() or 1) // max(cpus, 1e-9))))
+def default_workers(n_jobs: int, cpus: float, memory: int | None = None) -> int:
+    """One worker per `cpus` CPUs of this machine, no more than its memory holds at `memory`
+    bytes each (when the grid says), at most one per job."""
+    n = int((os.cpu_count() or 1) // max(cpus, 1e-9))
+    if memory:
+        n = min(n, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // memory))
+    return max(1, min(n_jobs, n))
 
 
 def run(grid_path: str | Path, out_dir: str | Path, *, executor: str = "local", address: str | None = None,
@@ -290,7 +294,8 @@ def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo) -
             where = f"Ray actors ({'cluster ' + address if address else 'local Ray'}, started in {startup:.1f}s)"
         else:
             cpus = max(r.cpus for r in groups)
-            size = min(len(todo), workers or default_workers(len(todo), cpus))
+            memory = max((r.memory or 0) for r in groups) or None
+            size = min(len(todo), workers or default_workers(len(todo), cpus, memory))
             pool = pools.LocalPool(size, threads=max(1, (os.cpu_count() or 1) // size))
         result.workers = pool.size
         echo(f"sweep: {len(result.jobs)} jobs ({len(result.skipped)} done before, {len(todo)} to run) "
