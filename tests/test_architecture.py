@@ -22,6 +22,7 @@ LAYERS = [
     ["circuits.methods", "circuits.select"],
     ["circuits.discover", "circuits.verify"],
     ["circuits.io"],
+    ["circuits.sweep"],
     ["circuits.cli"],
 ]
 

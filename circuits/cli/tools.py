@@ -155,6 +155,7 @@ def cmd_compare(args) -> int:
     from circuits import circuit as circuit_io
     from circuits.cli.common import _print_json
     from circuits.io import compare, render
+    args.circuits = compare.circuit_paths(args.circuits)      # a sweep directory: its circuits
     if len(args.circuits) < 2:
         raise ValueError("compare needs at least two circuit files")
     if args.output:
@@ -239,8 +240,10 @@ def add_tools(sub, add_common) -> None:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("compare", help="compare circuits (methods, seeds, checkpoints, models)",
-                       epilog="example: circuits compare eap.json acdc.json -o diff.svg", formatter_class=fmt)
-    p.add_argument("circuits", nargs="+")
+                       epilog="example: circuits compare eap.json acdc.json -o diff.svg\n"
+                              "         circuits compare runs/      (every circuit of a sweep directory)",
+                       formatter_class=fmt)
+    p.add_argument("circuits", nargs="+", help="circuit files, or a directory of them (a sweep's output)")
     p.add_argument("-o", "--output", help="diff drawing of the first two (same model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
