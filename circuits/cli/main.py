@@ -123,8 +123,10 @@ def parser() -> OneLineParser:
 
     from circuits.cli.discover import add_discover
     from circuits.cli.tools import add_tools
+    from circuits.cli.view import add_view
     add_discover(sub, _add_common)
     add_tools(sub, _add_common)
+    add_view(sub, _add_common)
     return ap
 
 
