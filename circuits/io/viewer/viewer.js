@@ -121,10 +121,12 @@
   // One graph for the page's lifetime. An edge enters it the first time it is drawn and stays;
   // what is drawn now is view.drawnKeys, applied by the reducers. (Mutating or swapping the graph
   // bound to sigma re-indexes it edge by edge, several times slower than a reducer pass.)
-  function edgeColour(score, rel) {
-    const alpha = (0.35 + 0.65 * rel).toFixed(2);
-    if (score === null) return `rgba(85,85,85,${alpha})`;
-    return score >= 0 ? `rgba(43,108,176,${alpha})` : `rgba(197,48,48,${alpha})`;
+  const RGB = { pos: "43,108,176", neg: "197,48,48", none: "85,85,85", shared: "47,133,90", a: "49,130,206", b: "213,63,140" };
+  function edgeColour(score, rel, member, strong) {
+    // opacity by |score| so that the strongest edges stand out of a dense circuit
+    const alpha = (strong ? 0.65 + 0.35 * rel : 0.4 + 0.6 * rel).toFixed(2);
+    const rgb = member ? RGB[member] : score === null ? RGB.none : score >= 0 ? RGB.pos : RGB.neg;
+    return `rgba(${rgb},${alpha})`;
   }
 
   function ensureEdge(d) {
@@ -149,6 +151,12 @@
     const drawn = list.length > MAX_DRAWN ? list.slice(0, MAX_DRAWN) : list;
     view.hidden = list.length - drawn.length;
     view.drawn = drawn;
+    // Hidden edges still cost a reducer pass on every redraw: start afresh when they dominate.
+    // While edges are added sigma's graph listeners are off: one full refresh afterwards is
+    // cheaper than its per-edge updates (unbind/bindGraphHandlers: sigma 3.0's own, used by setGraph).
+    const quiet = renderer && typeof renderer.unbindGraphHandlers === "function";
+    if (quiet) renderer.unbindGraphHandlers();
+    if (graph.size > 3 * drawn.length + 3000) graph.clearEdges();
     view.drawnKeys = new Map();
     view.circuitNodes = new Set();
     view.usedPorts = new Set();
@@ -164,6 +172,7 @@
       if (rec.port) view.usedPorts.add(portKey(L.li, c.edges.r[d.i]));
     }
     view.top = top;
+    if (quiet) renderer.bindGraphHandlers();
     // node sizes by importance, within what is drawn
     view.nodeSize = new Map();
     layouts.forEach((L) => {
@@ -581,9 +590,10 @@
         if (!view.drawnKeys.has(key)) return { ...a, hidden: true };
         const member = view.drawnKeys.get(key);
         const rel = a.score === null || !view.top ? 0.5 : Math.abs(a.score) / view.top;
-        const out = { ...a, size: 0.7 + 3.8 * rel, color: member ? OVERLAY_COLOUR[member] : edgeColour(a.score, rel), member };
+        const out = { ...a, size: 0.8 + 3.7 * rel, color: edgeColour(a.score, rel, member, false), member,
+                      zIndex: member === "shared" ? 1 : 0 };
         if (view.focus) {
-          if (view.focusEdges.has(key)) out.zIndex = 1;
+          if (view.focusEdges.has(key)) { out.zIndex = 2; out.color = edgeColour(a.score, rel, member, true); }
           else { out.color = FADED; out.zIndex = 0; }
         }
         return out;
