@@ -90,6 +90,14 @@ def test_view_command_writes_the_page(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "overlay" in out
     assert (tmp_path / "o.html").stat().st_size > 100_000
+    # a `verify --out` report gives the page its faithfulness curve
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"curve": {"points": [{"percent": 10, "edges": 11, "faithfulness": 0.4}]}}))
+    assert main(["view", str(a), "--report", str(report), "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="circuit-data">(.*?)</script>', page, re.S).group(1))
+    assert data["circuits"][0]["curve"] == [{"edges": 11, "faithfulness": 0.4, "percent": 10}]
+    assert "no faithfulness curve" in _error(capsys, ["view", str(a), "--report", str(a), "-o", str(tmp_path / "s.html")])
 
 
 def _error(capsys, argv) -> str:

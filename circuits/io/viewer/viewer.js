@@ -11,6 +11,7 @@
   const FADED = "rgba(203,213,224,0.25)";
   const OVERLAY_COLOUR = { shared: "#2f855a", a: "#3182ce", b: "#d53f8c" };
   const MAX_DRAWN = DATA.max_drawn;
+  const EDGE_HOVER_MAX = 5000;
   const SIDE = DATA.mode === "side-by-side";
 
   // ---- numbers -------------------------------------------------------------------------------
@@ -20,7 +21,7 @@
     const a = Math.abs(x);
     return a >= 1e-3 && a < 1e5 ? String(Number(x.toPrecision(4))) : x.toExponential(3);
   }
-  const plural = (n, word) => `${n.toLocaleString("en-US")} ${word}${n === 1 ? "" : "s"}`;
+  const plural = (n, word) => `${n.toLocaleString("en-US")} ${word}${n === 1 ? "" : /(ch|sh|s|x)$/.test(word) ? "es" : "s"}`;
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 
   // ---- per-layout tables ---------------------------------------------------------------------
@@ -35,7 +36,7 @@
 
   // y: layers (relative depth when side by side); x: heads, spread so the rows fill the screen
   const yMax = Math.max(...layouts.map((L) => L.arch.n_layers));
-  const widths = layouts.map((L) => Math.max(...L.nodes.map((n) => n.x)) + 1.3 + 0.6);   // row labels at x = -1.3
+  const widths = layouts.map((L) => Math.max(...L.nodes.map((n) => n.x)) + 1.3 + 1.4);   // row labels at x = -1.3
   const box = document.getElementById("graph");
   const aspect = Math.max(0.5, (box.clientWidth || 1000) / Math.max(1, box.clientHeight || 700));
   const span = widths.reduce((a, b) => a + b, 0) + 1.5 * (widths.length - 1);
@@ -63,6 +64,8 @@
       base.addNode(portKey(L.li, r), { x: p.x, y: p.y, size: 2.4, color: PORT_COLOUR[rec.channel], kind: "port",
                                        li: L.li, receiver: r, label: null });
     });
+    const right = place(L, Math.max(...L.nodes.map((n) => n.x)) + 1.4, 0);   // room for the last column's labels
+    base.addNode(`${SIDE ? L.li + "/" : ""}row:margin`, { x: right.x, y: right.y, size: 0.01, color: "#fff", kind: "row", label: null });
     for (let layer = 0; layer < L.arch.n_layers; layer++) {      // row labels on the left
       const p = place(L, -1.3, layer);
       base.addNode(`${SIDE ? L.li + "/" : ""}row:${layer}`, { x: p.x, y: p.y, size: 0.01, color: "#fff", kind: "row",
@@ -172,6 +175,9 @@
       if (rec.port) view.usedPorts.add(portKey(L.li, c.edges.r[d.i]));
     }
     view.top = top;
+    // thinner lines when there are many: less to rasterize (no GPU: SwiftShader), less of a hairball
+    view.edgeBase = drawn.length > 4000 ? 0.5 : 0.8;
+    view.edgeSpan = drawn.length > 4000 ? 2.5 : 3.7;
     if (quiet) renderer.bindGraphHandlers();
     // node sizes by importance, within what is drawn
     view.nodeSize = new Map();
@@ -189,7 +195,8 @@
   }
 
   function redraw() {
-    if (view.pendingSince === null) view.pendingSince = performance.now();
+    const started = performance.now();
+    if (view.pendingSince === null) view.pendingSince = started;
     if (SIDE) {
       const list = [];
       circuits.forEach((c, ci) => savedSelection(c).forEach((i) => list.push({ ci, i, key: `e${ci}:${i}` })));
@@ -202,7 +209,13 @@
       const ranks = view.mode === "saved" ? savedSelection(c) : topSelection(c, L, view.n);
       drawSelection(ranks.map((i) => ({ ci: view.circuit, i, key: `e${view.circuit}:${i}` })));
     }
-    if (renderer) renderer.refresh();
+    if (renderer) {
+      // Edge hover draws every edge a second time (sigma's picking pass): on only while that is cheap.
+      const edgeEvents = view.drawn.length <= EDGE_HOVER_MAX;
+      if (renderer.getSetting("enableEdgeEvents") !== edgeEvents) renderer.setSetting("enableEdgeEvents", edgeEvents);
+      renderer.refresh();
+    }
+    view.lastJsMs = performance.now() - started;   // selection, pruning, sigma's refresh; not the GPU's raster
   }
 
   // ---- overlay -------------------------------------------------------------------------------
@@ -425,6 +438,7 @@
         if (ct) html += `<br>${ct}`;
       }
     }
+    if (edges > EDGE_HOVER_MAX) html += `<br><span class="muted">edge hover is off above ${EDGE_HOVER_MAX.toLocaleString("en-US")} drawn edges (it doubles the drawing work): hover or click nodes, or lower the size</span>`;
     st.innerHTML = html;
     const note = $("hidden-note");
     note.hidden = view.hidden === 0;
@@ -562,7 +576,7 @@
     redraw();
     $("loading").remove();
     renderer = new Sigma(graph, $("graph"), {
-      defaultEdgeType: "line", renderEdgeLabels: false, enableEdgeEvents: true, hideEdgesOnMove: true,
+      defaultEdgeType: "line", renderEdgeLabels: false, enableEdgeEvents: view.drawn.length <= EDGE_HOVER_MAX, hideEdgesOnMove: true,
       labelDensity: 0.9, labelGridCellSize: 50, labelRenderedSizeThreshold: 4, labelSize: 11,
       labelColor: { color: "#2d3748" }, zIndex: true, minCameraRatio: 0.05, maxCameraRatio: 4,
       nodeReducer: (key, a) => {
@@ -590,7 +604,7 @@
         if (!view.drawnKeys.has(key)) return { ...a, hidden: true };
         const member = view.drawnKeys.get(key);
         const rel = a.score === null || !view.top ? 0.5 : Math.abs(a.score) / view.top;
-        const out = { ...a, size: 0.8 + 3.7 * rel, color: edgeColour(a.score, rel, member, false), member,
+        const out = { ...a, size: view.edgeBase + view.edgeSpan * rel, color: edgeColour(a.score, rel, member, false), member,
                       zIndex: member === "shared" ? 1 : 0 };
         if (view.focus) {
           if (view.focusEdges.has(key)) { out.zIndex = 2; out.color = edgeColour(a.score, rel, member, true); }
