@@ -1,6 +1,7 @@
 """The viewer's page data and command, without a browser (tests/test_view_browser.py drives one)."""
 
 import json
+import os
 import re
 
 import pytest
@@ -120,6 +121,11 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "induction-2l" in err and "--align" in err
     assert "does not exist" in _error(capsys, ["view", str(good), "-o", str(tmp_path / "no" / "such" / "x.html")])
     assert "is a directory" in _error(capsys, ["view", str(good), "-o", str(tmp_path)])
+    assert "is a file, not a folder" in _error(capsys, ["view", str(good), "-o", str(good / "x.html")])
+    if os.geteuid() != 0:                      # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "no permission" in _error(capsys, ["view", str(good), "-o", str(locked / "x.html")])
     assert "it is the input file" in _error(capsys, ["view", str(good), "-o", str(good)])
     assert not (tmp_path / "x.html").exists()
     # with --align: same shape overlays by name, different shapes side by side

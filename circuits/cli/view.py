@@ -16,6 +16,8 @@ def check_output(path: str) -> None:
     if out.is_dir():
         raise ValueError(f"{out}: is a directory; give a file name such as {out / 'circuit.html'}")
     folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot write {out}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise ValueError(f"cannot write {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):

@@ -577,7 +577,7 @@
     $("loading").remove();
     renderer = new Sigma(graph, $("graph"), {
       defaultEdgeType: "line", renderEdgeLabels: false, enableEdgeEvents: view.drawn.length <= EDGE_HOVER_MAX, hideEdgesOnMove: true,
-      labelDensity: 0.9, labelGridCellSize: 50, labelRenderedSizeThreshold: 4, labelSize: 11,
+      labelDensity: 1, labelGridCellSize: 36, labelRenderedSizeThreshold: 4, labelSize: 11,
       labelColor: { color: "#2d3748" }, zIndex: true, minCameraRatio: 0.05, maxCameraRatio: 4,
       nodeReducer: (key, a) => {
         if (a.kind === "row") return a;
