@@ -300,14 +300,12 @@ def write_html(page: str, out: str | Path) -> Path:
         tmp.write_text(page, encoding="utf-8")
         tmp.replace(out)
     except OSError as err:
-        tmp.unlink(missing_ok=True) if tmp.parent.exists() and _writable_dir(tmp.parent) else None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise ViewError(f"{out}: cannot write ({err.strerror or err})") from None
     return out
-
-
-def _writable_dir(path: Path) -> bool:
-    import os
-    return os.access(path, os.W_OK)
 
 
 def view(circuits: list[Named], out: str | Path | None = None, **kwargs) -> str:
