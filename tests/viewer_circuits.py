@@ -47,6 +47,23 @@ def induction_circuit() -> Circuit:
     return Circuit(c.graph, c.mask, c.scores, {**c.provenance, "model": "induction-2l"})
 
 
+SMOLLM2 = Path("/work/models/smollm2-135m")
+
+
+def smollm2_circuit() -> Circuit:
+    """smollm2-135m's IOI circuit as `circuits discover /work/models/smollm2-135m ioi --method eap
+    --top-n 12000` finds it (~12k edges after pruning; a minute or two on 2 cores)."""
+    from circuits import discover, evaluation, patching
+    from circuits.model import loader
+    from circuits.tasks.builtin import build_task
+    model = loader.load(str(SMOLLM2))
+    task = build_task("ioi", model, n=32, seed=0)
+    setup = evaluation.prepare(model, task, patching.Ablation("resample"))
+    found = discover.run(setup, "eap", selection=discover.Selection(top_n=12000))
+    c = found.circuit
+    return Circuit(c.graph, c.mask, c.scores, {**c.provenance, "model": str(SMOLLM2)})
+
+
 def save(c: Circuit, path: Path) -> Path:
     circuit_io.save(c, path)
     return path

@@ -127,7 +127,7 @@
   const RGB = { pos: "43,108,176", neg: "197,48,48", none: "85,85,85", shared: "47,133,90", a: "49,130,206", b: "213,63,140" };
   function edgeColour(score, rel, member, strong) {
     // opacity by |score| so that the strongest edges stand out of a dense circuit
-    const alpha = (strong ? 0.65 + 0.35 * rel : 0.4 + 0.6 * rel).toFixed(2);
+    const alpha = (strong ? 0.5 + 0.5 * rel : 0.4 + 0.6 * rel).toFixed(2);
     const rgb = member ? RGB[member] : score === null ? RGB.none : score >= 0 ? RGB.pos : RGB.neg;
     return `rgba(${rgb},${alpha})`;
   }
