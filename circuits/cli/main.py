@@ -125,9 +125,11 @@ def parser() -> OneLineParser:
     from circuits.cli.discover import add_discover
     from circuits.cli.sweep import add_sweep
     from circuits.cli.tools import add_tools
+    from circuits.cli.view import add_view
     add_discover(sub, _add_common)
     add_tools(sub, _add_common)
     add_sweep(sub, _add_common)
+    add_view(sub, _add_common)
     return ap
 
 
