@@ -57,8 +57,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _Watched:
+    """A file whose write errors are remembered: writers such as torch.save replace the OS error
+    by their own message ('unexpected pos …'); the remembered one says what happened."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, _watched: list | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path` for a writer that takes a path (torch.save, a
     renderer); on success it replaces `path` durably, on any failure it is removed and `path` is
     untouched. OS errors and the writer's own failures (RuntimeError) become OutputError."""
@@ -87,16 +105,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         except OSError:
             pass
         if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, CircuitsError):
-            raise OutputError(f"cannot write {path}: {cause(err)}") from None
+            first = next((w.error for w in _watched or [] if w.error is not None), None)
+            raise OutputError(f"cannot write {path}: {cause(first or err)}") from None
         raise
 
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator:
     """An open file (mode 'w' or 'wb') whose content replaces `path` only once fully written."""
-    with atomic_path(path) as tmp:
+    watched: list[_Watched] = []
+    with atomic_path(path, watched) as tmp:
         with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            yield f
+            watched.append(_Watched(f))
+            yield watched[0]
             f.flush()
 
 

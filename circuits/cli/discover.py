@@ -71,6 +71,10 @@ def cmd_discover(args) -> int:
     _check_options(args)
     refuse_overwriting_inputs([args.task], [args.out])
     checkpoint = _checkpoint(args)
+    if checkpoint and args.resume:          # the settings the command line states, before any loading
+        from circuits.methods.acdc import check_checkpoint
+        check_checkpoint(checkpoint, {"method": args.method, "seed": args.seed, "model": args.model,
+                                      "ablation": args.ablation, "tau": 0.01 if args.tau is None else args.tau})
 
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching

@@ -135,11 +135,12 @@ def weights_digest(weights) -> str:
     return _digest(*[t for t in tensors if t is None or isinstance(t, torch.Tensor)])
 
 
-# What a checkpoint's settings are called on the command line, for the refusal message.
-SETTING_NAMES = {"model": "model", "weights": "model weights", "task": "task", "task_data": "task data",
-                 "task_metric": "--metric", "ablation": "--ablation", "metric": "--acdc-metric",
-                 "tau": "--tau", "start_mask": "candidate edges (hybrid)", "order": "receiver order",
-                 "method": "--method", "seed": "--seed", "format": "checkpoint format"}
+# What a checkpoint's settings are called on the command line, for the refusal message; in the
+# order they are compared (the options a user types first: they explain the hashes that follow).
+SETTING_NAMES = {"format": "checkpoint format", "method": "--method", "seed": "--seed", "tau": "--tau",
+                 "metric": "--acdc-metric", "ablation": "--ablation", "task_metric": "--metric",
+                 "model": "model", "task": "task", "weights": "model weights", "task_data": "task data",
+                 "start_mask": "candidate edges (hybrid)", "order": "receiver order"}
 CHECKPOINT_FORMAT = 2
 
 
@@ -163,7 +164,7 @@ def _check_settings(path, saved: dict, now: dict) -> None:
                              f"to start over")
 
 
-def _read_checkpoint(path, settings: dict) -> tuple[WalkState, float]:
+def _load(path) -> dict:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
@@ -171,6 +172,18 @@ def _read_checkpoint(path, settings: dict) -> tuple[WalkState, float]:
     if not isinstance(state, dict) or "settings" not in state:
         raise ValueError(f"{path} was written by an older version of circuits (no settings recorded); "
                          f"delete it to start over")
+    return state
+
+
+def check_checkpoint(path, given: dict) -> None:
+    """Refuse a checkpoint whose settings differ from `given` (a subset, e.g. the command line's
+    method, seed, tau, model): checked before any model loads."""
+    saved = json.loads(_load(path)["settings"])
+    _check_settings(path, {k: saved.get(k) for k in given}, given)
+
+
+def _read_checkpoint(path, settings: dict) -> tuple[WalkState, float]:
+    state = _load(path)
     _check_settings(path, json.loads(state["settings"]), settings)
     return WalkState(state["mask"].bool(), state["scores"], int(state["pos_r"]), int(state["pos_s"]),
                      float(state["current"]), int(state["tested"]), float(state["forwards"]),

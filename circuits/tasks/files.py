@@ -196,27 +196,34 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
     if not path.is_file():
         raise TaskError(f"{path}: no such task file")
     total = row_count(path)
-    bar = tqdm(total=min(total, limit) if total is not None and limit else total, desc=f"reading {path.name}",
-               unit="row", disable=not progress, leave=False)
+    if total is not None and limit:
+        total = min(total, limit)
+    with tqdm(total=total, desc=f"reading {path.name}", unit="row", disable=not progress, leave=False) as bar:
+        return _read_task(path, tokenizer, metric, bos_of(tokenizer, prepend_bos), vocab_size, counterfactual,
+                          limit, bar)
+
+
+def bos_of(tokenizer, prepend_bos: bool) -> int | None:
+    return getattr(tokenizer, "bos_token_id", None) if prepend_bos and tokenizer is not None else None
+
+
+def _read_task(path: Path, tokenizer, metric: Metric | None, bos: int | None, vocab_size: int | None,
+               counterfactual: str | None, limit: int | None, bar) -> Task:
     rows_in = iter_rows(path, limit)
     first = next(rows_in, None)
     if first is None:
-        bar.close()
         with path.open("rb") as f:
             empty = not any(raw.strip() for raw in f)
         raise TaskError(f"{path}: the file is empty" if empty else f"{path}: the file has no examples")
-    bos = getattr(tokenizer, "bos_token_id", None) if prepend_bos and tokenizer is not None else None
     if mib.is_mib(first[1]) or mib.is_eap_ig(first[1]):
         rows = [first]
         for row in rows_in:
             rows.append(row)
             bar.update(1)
-        bar.close()
         imported = mib.load(path, rows, tokenizer, counterfactual, bos)
         _check_vocab(imported, vocab_size, path)
         return imported if metric is None else imported.with_metric(metric)
     if counterfactual is not None:
-        bar.close()
         raise TaskError(f"{path}: --counterfactual applies to MIB-format data only")
     metric = metric or Metric.LOGIT_DIFF
     clean, corrupted, answers, wrongs, lines = [], [], [], [], []
@@ -249,7 +256,6 @@ def load_file(path: str | Path, tokenizer, metric: Metric | None = None,
             answers.append(a_i)
             wrongs.append(wrong)
             lines.append(ln)
-    bar.close()
     pad = pad_id(tokenizer)
     meta = {"source": str(path)}
     if limit:
