@@ -125,7 +125,7 @@ def cmd_verify(args) -> int:
         for name, why in skipped.items():
             print(f"  {name + ' skipped':<19} {why}")
         if args.stability == 0:
-            print("  (stability not run: --stability N re-discovers on N bootstrap resamples)")
+            print("  stability           not run (--stability N: rediscover on N bootstrap resamples)")
     if args.min_faithfulness is not None and report["faithfulness"]["normalized"] != report["faithfulness"]["normalized"]:
         print("circuits: faithfulness is undefined (NaN), so --min-faithfulness cannot be met",
               file=__import__("sys").stderr)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from circuits.files import row_count
 from circuits.tasks import mib
 from circuits.tasks.task import FIELDS, Metric, Task, TaskError, from_pairs, pad_id
 
@@ -47,6 +48,8 @@ def _row_validator(wrong_required: bool):
 
 def check_row(row: dict, where: str, wrong_required: bool = True) -> None:
     """Validate one row against ROW_SCHEMA: one line naming the line and the field."""
+    if len(row) == len(FIELDS) and all(type(row.get(f)) is str and row[f] for f in FIELDS):
+        return          # the common row: four non-empty strings (a strict subset of ROW_SCHEMA), at once
     validator = _row_validator(wrong_required)
     if validator.is_valid(row) and not any(row.get(f) in ("", []) for f in FIELDS if f in row):
         return
@@ -62,25 +65,6 @@ def check_row(row: dict, where: str, wrong_required: bool = True) -> None:
         if field in _WHAT:
             raise TaskError(f"{where}: field {field} should be {_WHAT[field]}, got {row[field]!r:.60}")
         raise TaskError(f"{where}: {error.message:.120}")
-
-
-def row_count(path: Path) -> int | None:
-    """Rows of a JSONL or CSV file, counted from its line breaks (fast: no parsing); None for a
-    JSON array."""
-    lines = blank = 0
-    last = b"\n"
-    with path.open("rb") as f:
-        head = f.read(1 << 16)
-        if head.lstrip().startswith(b"["):
-            return None
-        block = head
-        while block:
-            lines += block.count(b"\n")
-            blank += block.count(b"\n\n")
-            last = block[-1:]
-            block = f.read(1 << 20)
-    lines += last != b"\n"
-    return max(lines - blank - (path.suffix.lower() == ".csv"), 0)
 
 
 def _decoded(path: Path, raw: bytes, line: int) -> str:
@@ -155,19 +139,23 @@ def iter_rows(path: Path, limit: int | None = None) -> Iterator[tuple[int, dict]
                 return
 
 
-def _single_token(tokenizer, value: Any, where: str) -> int:
+def _single_token(tokenizer, value: Any, where: str, cache: dict | None = None) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, str):
         raise TaskError(f"{where}: expected a string or a token id, got {value!r}")
     if tokenizer is None:
         raise TaskError(f"{where}: this model has no tokenizer; give answers as token ids")
+    if cache is not None and value in cache:      # answers repeat (names, labels): encode each once
+        return cache[value]
     ids = tokenizer.encode(value)
     if len(ids) != 1:
         shown = [tokenizer.decode([t]) for t in ids]
         raise TaskError(f"{where}: answer {value!r} is {len(ids)} tokens {shown}, not one; "
                         f"use a single-token answer (mind the leading space), or score the whole "
                         f"continuation with --metric logprob")
+    if cache is not None:
+        cache[value] = ids[0]
     return ids[0]
 
 
@@ -228,6 +216,7 @@ def _read_task(path: Path, tokenizer, metric: Metric | None, bos: int | None, vo
     metric = metric or Metric.LOGIT_DIFF
     clean, corrupted, answers, wrongs, lines = [], [], [], [], []
     continued = examples = 0
+    answer_ids: dict[str, int] = {}
     for ln, row in itertools.chain([first], rows_in):
         bar.update(1)
         examples += 1
@@ -237,7 +226,7 @@ def _read_task(path: Path, tokenizer, metric: Metric | None, bos: int | None, vo
         x = _prompt(tokenizer, row["corrupted"], where, bos)
         # logprob scores the answer alone: wrong answers are not read, so not tokenized either
         wrong = [] if metric is Metric.LOGPROB else \
-            [_single_token(tokenizer, a, where) for a in _as_list(row.get("wrong") or [])]
+            [_single_token(tokenizer, a, where, answer_ids) for a in _as_list(row.get("wrong") or [])]
         continuation = _continuation(tokenizer, row["answer"], metric)
         if continuation:
             # log p(whole continuation) = Σ_i log p(a_i | prompt, a_<i): one row per token, both
@@ -246,7 +235,7 @@ def _read_task(path: Path, tokenizer, metric: Metric | None, bos: int | None, vo
             steps = [(c + continuation[:i], x + continuation[:i], [t]) for i, t in enumerate(continuation)]
             continued += 1
         else:
-            steps = [(c, x, [_single_token(tokenizer, a, where) for a in _as_list(row["answer"])])]
+            steps = [(c, x, [_single_token(tokenizer, a, where, answer_ids) for a in _as_list(row["answer"])])]
         for c_i, x_i, a_i in steps:
             for t in c_i + x_i + a_i + wrong:
                 if vocab_size is not None and not 0 <= t < vocab_size:
