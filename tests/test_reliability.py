@@ -541,3 +541,21 @@ def test_sigterm_saves_the_checkpoint_and_exits_143(tmp_path):
     err = proc.stderr.read()
     assert err.startswith("circuits: terminated; progress saved to") and err.count("\n") == 1, err
     assert not Path(str(out) + ".lock").exists() and not out.exists()
+
+
+def test_an_expensive_result_that_cannot_be_written_goes_to_a_named_fallback(tmp_path, monkeypatch):
+    from circuits.cli.common import rescue
+    from circuits.files import OutputError, write_text
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    target = tmp_path / "c.json"
+
+    def write(path):
+        if Path(path) == target:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        write_text(path, "the circuit")
+    with pytest.raises(OutputError) as err:
+        rescue(write, target, "the circuit")
+    message = str(err.value)
+    saved = Path(message.split("was saved to ")[1].split(" instead")[0])
+    assert message.startswith(f"cannot write {target}: No space left on device; the circuit was saved to ")
+    assert saved.parent == tmp_path / "cache" / "circuits" / "rescued" and saved.read_text() == "the circuit"

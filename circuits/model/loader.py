@@ -231,10 +231,10 @@ def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=
         path = Path(spec).expanduser()
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
         model = _load_dir(spec, path, meta, check, dtype)
-    elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
-        raise ModelLoadError(f"{spec}: no such directory")
     elif spec.startswith("hf:"):            # the hub only when asked: offline it retries for ~30 s
         model = _load_hub(spec[len("hf:"):], check, dtype)
+    elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
+        raise ModelLoadError(f"{spec}: no such directory")
     else:
         close = difflib.get_close_matches(spec, list(builtin_models()), n=1, cutoff=0.75)
         hint = f"did you mean {close[0]}? " if close and "/" not in spec else ""
