@@ -238,7 +238,7 @@ def test_the_output_check_answers_before_any_model_loads_in_under_2_s(tmp_path):
     wall = time.perf_counter() - t0
     rc, torch_loaded, seconds = done.stdout.split()
     assert rc == "2" and torch_loaded == "False" and "does not exist" in done.stderr
-    assert float(seconds) < 2.0 and wall < 4.0, (seconds, wall)
+    assert float(seconds) < 2.0 and wall < 10.0, (seconds, wall)
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
