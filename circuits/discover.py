@@ -98,7 +98,7 @@ HYBRID_CANDIDATE_FAITHFULNESS = 0.95
 
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
-        checkpoint=None, resume: bool = False,
+        checkpoint=None, resume: bool = False, checkpoint_every: float = 30.0,
         progress: bool = False, seed: int = 0, provenance: dict | None = None) -> Discovery:
     """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`)."""
     g = setup.graph
@@ -121,7 +121,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             n_cand = int((start_mask & g.allowed).sum())
             params.update({"candidates": n_cand, "candidate_method": "eap-ig-activations"})
         result = acdc(setup, tau, metric=acdc_metric, start_mask=start_mask, checkpoint=checkpoint,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, checkpoint_every=checkpoint_every,
+                      settings={"method": method, "seed": seed})
         mask, scores = result.mask, result.scores
         if selection.prune:
             mask = select.prune(g, mask)

@@ -303,12 +303,13 @@ def prefix_at(layer: int, graph: Graph, clean: Run, ablated: torch.Tensor) -> Pr
 
 def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: torch.Tensor,
                     reference: torch.Tensor | None = None,
-                    reference_valid: torch.Tensor | None = None) -> torch.Tensor:
+                    reference_valid: torch.Tensor | None = None,
+                    batch_size: int | None = None) -> torch.Tensor:
     """Sender outputs under an ablation, [S, B|1, P|1, d].
 
     corrupted: [B, P] corrupted prompts (resample). reference: [B', P'] prompts whose mean is
     used by mean ablations (default: the corrupted prompts); reference_valid: [B', P'] bool
-    marking real (non-padding) tokens.
+    marking real (non-padding) tokens. Means are summed `batch_size` reference rows at a time.
     """
     B, P = corrupted.shape
     S, d = graph.n_senders, graph.arch.d_model
@@ -320,12 +321,19 @@ def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: 
                        record=True).outputs
         ref = corrupted if reference is None else reference
         valid = torch.ones(ref.shape, dtype=torch.bool) if reference_valid is None else reference_valid
-        outs = run(w, graph, ref.to(w.device), positions=torch.zeros(ref.shape[0], dtype=torch.long),
-                   record=True).outputs
-        weight = valid.to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, B', P', 1]
-        if ablation is Ablation.MEAN:
-            return ((outs * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1))[:, None, None]
-        if ref.shape[1] < P:
+        if ablation is Ablation.MEAN_POS and ref.shape[1] < P:
             raise ValueError(f"mean-pos ablation needs reference prompts at least {P} tokens long")
-        per_pos = (outs * weight).sum(1) / weight.sum(1).clamp(min=1)             # [S, P', d]
-        return per_pos[:, None, :P]
+        total = count = None
+        size = batch_size or ref.shape[0]
+        for start in range(0, ref.shape[0], size):
+            part = slice(start, start + size)
+            outs = run(w, graph, ref[part].to(w.device), positions=torch.zeros(len(ref[part]), dtype=torch.long),
+                       record=True).outputs
+            weight = valid[part].to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, b, P', 1]
+            dims = (1, 2) if ablation is Ablation.MEAN else (1,)
+            add, n = (outs * weight).sum(dims), weight.sum(dims)
+            total, count = (add, n) if total is None else (total + add, count + n)
+        mean = total / count.clamp(min=1)
+        if ablation is Ablation.MEAN:
+            return mean[:, None, None]
+        return mean[:, None, :P]                                                   # [S, 1, P, d]

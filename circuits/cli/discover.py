@@ -16,7 +16,8 @@ def _check_options(args) -> None:
     method, given = args.method, lambda name: getattr(args, name) is not None
     problems = []
     if method not in SEARCH:
-        problems += [f"--{n.replace('_', '-')}" for n in ("tau", "acdc_metric", "checkpoint") if given(n)]
+        problems += [f"--{n.replace('_', '-')}" for n in ("tau", "acdc_metric", "checkpoint", "checkpoint_every")
+                     if given(n)]
         problems += ["--resume"] * args.resume
     if method != "hybrid" and given("candidates"):
         problems.append("--candidates")
@@ -32,6 +33,13 @@ def _check_options(args) -> None:
                          f"applies to scoring methods")
     if chosen and given("target_faithfulness"):
         raise ValueError(f"--target-faithfulness and {chosen[0]} are two ways to choose the size: give one")
+
+
+def _outputs(args) -> list:
+    out = [(args.out, (".json",), "--out")]
+    if args.method in SEARCH:
+        out.append((args.checkpoint or args.out + ".ckpt.pt", None, "checkpoint"))
+    return out
 
 
 def _checkpoint(args) -> str | None:
@@ -55,12 +63,18 @@ def cmd_discover(args) -> int:
         _examples,
         _load_model_and_task,
         _print_json,
+        note_nulls,
         refuse_overwriting_inputs,
+        rescue,
         undefined_faithfulness,
     )
     _check_options(args)
     refuse_overwriting_inputs([args.task], [args.out])
     checkpoint = _checkpoint(args)
+    if checkpoint and args.resume:          # the settings the command line states, before any loading
+        from circuits.methods.acdc import check_checkpoint
+        check_checkpoint(checkpoint, {"method": args.method, "seed": args.seed, "model": args.model,
+                                      "ablation": args.ablation, "tau": 0.01 if args.tau is None else args.tau})
 
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching
@@ -75,8 +89,11 @@ def cmd_discover(args) -> int:
     found = discover.run(setup, args.method, selection=selection, tau=args.tau, steps=args.steps,
                          candidates=args.candidates, acdc_metric=Metric(args.acdc_metric) if args.acdc_metric else None,
                          checkpoint=checkpoint, resume=args.resume, progress=not args.quiet,
-                         seed=args.seed)
-    circuit_io.save(found.circuit, args.out)
+                         seed=args.seed,
+                         checkpoint_every=30.0 if args.checkpoint_every is None else args.checkpoint_every)
+    nulls: list[str] = []
+    rescue(lambda path: nulls.extend(circuit_io.save(found.circuit, path)), args.out, "the circuit")
+    note_nulls(nulls, args.out)
     if checkpoint and not args.checkpoint:
         Path(checkpoint).unlink(missing_ok=True)      # finished: the default checkpoint has served
     c = found.circuit
@@ -171,6 +188,9 @@ def add_discover(sub, add_common) -> None:
     p.add_argument("--no-prune", action="store_true", help="keep edges off input→logits paths")
     p.add_argument("--out", "-o", default="circuit.json", help="circuit file to write (default circuit.json)")
     p.add_argument("--checkpoint", help="ACDC checkpoint file (default OUT.ckpt.pt)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint "
+                                                         "(refused, naming the setting, if any setting differs)")
+    p.add_argument("--checkpoint-every", type=non_negative_float, metavar="SECONDS",
+                   help="ACDC: seconds between checkpoints (default 30; also written on Ctrl-C and kill)")
     add_common(p)
-    p.set_defaults(func=cmd_discover)
+    p.set_defaults(func=cmd_discover, outputs=_outputs)

@@ -17,6 +17,7 @@ from circuits.cli.common import (
     _print_json,
     ablation_for,
     note_other_model,
+    outputs,
     plural,
     preflight,
 )
@@ -32,7 +33,7 @@ def cmd_models(args) -> int:
         width = max(len(a) for a, _ in rows)
         for a, b in rows:
             print(f"{a:<{width}}  {b}")
-        print("\nAlso: a local checkpoint directory, or a hub id such as gpt2 (needs the network).")
+        print("\nAlso: a local checkpoint directory, or hf:<hub id> such as hf:gpt2 (downloads; needs the network).")
     return EXIT_OK
 
 
@@ -59,21 +60,18 @@ def cmd_graph(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
-
     from circuits import evaluation, patching
-    from circuits.tasks.task import metric_values
     model, task = _load_model_and_task(args)
     mask, label, provenance = _circuit_mask(args, model)
     note_other_model(args, provenance)
     ablation = ablation_for(args, provenance)
-    setup = evaluation.prepare(model, task, patching.Ablation(ablation), batch_size=args.batch_size)
-    with torch.no_grad():
-        corrupted_logits = patching.run(model.weights, model.graph, task.corrupted.to(model.weights.device),
-                                        positions=task.positions).logits
-    clean_logits = torch.cat([c.clean_logits for c in setup.chunks])
-    m_corr = metric_values(task.metric, corrupted_logits, task, clean_logits).mean().item()
-    f = setup.faithfulness(mask)
+    # chunk by chunk, nothing kept between chunks: memory follows --batch-size, not the rows
+    means = evaluation.evaluate_streaming(model, task, patching.Ablation(ablation),
+                                          {"circuit": mask, "empty": model.graph.empty_mask()},
+                                          batch_size=args.batch_size, progress=not args.quiet)
+    m_corr = means["corrupted"]
+    f = {"model": means["clean"], "empty": means["empty"], "circuit": means["circuit"],
+         "faithfulness": evaluation.normalized_faithfulness(means["circuit"], means["empty"], means["clean"])}
     # Multi-token answers have one row per answer token: the per-example value is the row mean
     # times rows per example (log-probability of the whole continuation).
     scale = len(task) / task.meta.get("examples", len(task))
@@ -107,7 +105,7 @@ def parser() -> OneLineParser:
 
     p = sub.add_parser("graph", help="node and edge counts of a model's graph",
                        epilog="example: circuits graph random:gpt2-small --json")
-    p.add_argument("model", help="model spec: built-in name, random:<arch>, checkpoint dir, or hub id")
+    p.add_argument("model", help="model spec: built-in name, random:<arch>, checkpoint dir, or hf:<hub id>")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_graph)
 
@@ -133,29 +131,42 @@ def parser() -> OneLineParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`): handled like Ctrl-C (an ACDC run saves its checkpoint), exit 143."""
+
+
 def main(argv=None) -> int:
     import signal
     args = parser().parse_args(argv)
     from circuits.errors import CircuitsError
+    from circuits.files import OutputLock, cause
     user_errors = (CircuitsError, FileNotFoundError, ValueError)
 
     def terminated(signum, frame):
-        raise KeyboardInterrupt        # so `kill` saves an ACDC checkpoint like Ctrl-C does
+        raise Terminated
     previous = signal.signal(signal.SIGTERM, terminated) if argv is None else None
     try:
         preflight(args)
-        return args.func(args)
+        with OutputLock([path for path, _, _ in outputs(args)]):
+            return args.func(args)
     except user_errors as err:
         print(f"circuits: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         hint = getattr(args, "interrupted_hint", None)
-        print(f"circuits: interrupted{hint() if hint else ''}", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"circuits: {what}{hint() if hint else ''}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:
         # the reader (e.g. `| head`) left: not an error; keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except (OSError, MemoryError) as err:
+        # the environment failed (disk, permissions, memory): one line naming the file and why
+        where = getattr(err, "filename", None)
+        print(f"circuits: error: {f'{where}: ' if where else ''}{cause(err) if isinstance(err, OSError) else 'out of memory'}"
+              + ("; try a smaller --batch-size" if isinstance(err, MemoryError) else ""), file=sys.stderr)
+        return EXIT_ERROR
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,17 @@ from pathlib import Path
 from circuits.cli.common import refuse_overwriting_inputs
 
 EXPORT_FORMATS = ("json", "mib-json", "mib-pt", "graphml", "node-link", "dot")
+EXPORT_SUFFIXES = {"json": (".json",), "mib-json": (".json",), "mib-pt": (".pt", ".pth"),
+                   "graphml": (".graphml", ".xml"), "node-link": (".json",), "dot": (".dot", ".gv")}
+DRAWING_SUFFIXES = (".svg", ".png", ".pdf", ".dot")
+
+
+def _drawing_outputs(args) -> list:
+    """A drawing and the DOT file written next to it."""
+    if not args.output:
+        return []
+    dot = str(Path(args.output).with_suffix(".dot"))
+    return [(args.output, DRAWING_SUFFIXES, "-o")] + ([(dot, None, "DOT file")] if dot != args.output else [])
 
 
 def _fmt(x) -> str:
@@ -56,10 +67,15 @@ def cmd_verify(args) -> int:
               "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": model.graph.n_edges,
               "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
+    skipped = report["skipped"] = {}
     if circ.scores is not None:
         points = checks.faithfulness_curve(setup, circ.scores)
         cpr, cmd = checks.cpr_cmd(points)
         report["curve"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
+    else:
+        skipped["curve"] = "the circuit file has no edge scores to rank edges by"
+    if args.subsets == 0:
+        skipped["completeness"] = "--subsets 0"
     report["completeness"] = checks.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed)
     report["minimality"] = checks.minimality(setup, mask)
     report["ablation_sensitivity"] = checks.ablation_sensitivity(setup, mask)
@@ -67,7 +83,11 @@ def cmd_verify(args) -> int:
         method = circ.provenance.get("method")
         params = circ.provenance.get("parameters", {})
         if method in (None, "acdc", "hybrid"):
-            report["stability"] = {"skipped": "stability needs a scoring method recorded in the circuit file"}
+            why = (f"the circuit was found by {method}, which decides edges by threshold, not by ranking "
+                   f"scores; stability re-runs a scoring method" if method else
+                   "the circuit file records no method to re-run")
+            skipped["stability"] = why
+            report["stability"] = {"skipped": why}
         else:
             n = int(mask.sum())
             from circuits import methods, select
@@ -78,7 +98,11 @@ def cmd_verify(args) -> int:
                 return select.prune(boot.graph, select.top_n(boot.graph, spec.score(boot, **kwargs), n))
             report["stability"] = checks.stability(setup, mask, rediscover, n_boot=args.stability, seed=args.seed)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        from circuits.cli.common import note_nulls
+        from circuits.files import json_safe, write_text
+        nulls: list[str] = []
+        write_text(args.out, json.dumps(json_safe(report, replaced=nulls), indent=1, default=str, allow_nan=False))
+        note_nulls(nulls, args.out)
     if args.json:
         _print_json(report)
     else:
@@ -98,6 +122,14 @@ def cmd_verify(args) -> int:
         if "stability" in report and "mean_jaccard" in report["stability"]:
             print(f"  stability           mean Jaccard {report['stability']['mean_jaccard']:.3f} "
                   f"over {plural(report['stability']['bootstraps'], 'bootstrap')}")
+        for name, why in skipped.items():
+            print(f"  {name + ' skipped':<19} {why}")
+        if args.stability == 0:
+            print("  stability           not run (--stability N: rediscover on N bootstrap resamples)")
+    if args.min_faithfulness is not None and report["faithfulness"]["normalized"] != report["faithfulness"]["normalized"]:
+        print("circuits: faithfulness is undefined (NaN), so --min-faithfulness cannot be met",
+              file=__import__("sys").stderr)
+        return EXIT_BAR
     if args.min_faithfulness is not None and not report["faithfulness"]["normalized"] >= args.min_faithfulness:
         print(f"circuits: faithfulness {report['faithfulness']['normalized']:.4f} is below "
               f"--min-faithfulness {args.min_faithfulness}", file=__import__("sys").stderr)
@@ -124,14 +156,17 @@ def cmd_render(args) -> int:
 
 def cmd_export(args) -> int:
     from circuits import circuit as circuit_io
+    from circuits.cli.common import note_nulls
+    from circuits.files import write_text
     from circuits.io import formats, render
     refuse_overwriting_inputs([args.circuit], [args.output])
     circ = circuit_io.load(args.circuit)
     fmt = args.format
     writers = {"json": circuit_io.save, "mib-json": formats.save_mib_json, "mib-pt": formats.save_mib_pt,
                "graphml": formats.save_graphml, "node-link": formats.save_node_link,
-               "dot": lambda c, p: Path(p).write_text(render.to_dot(c))}
-    writers[fmt](circ, args.output)
+               "dot": lambda c, p: write_text(p, render.to_dot(c))}
+    nulls = writers[fmt](circ, args.output)
+    note_nulls(nulls or [], args.output)
     print(f"wrote {args.output} ({fmt})")
     return 0
 
@@ -195,7 +230,7 @@ def cmd_tasks(args) -> int:
 
 
 def add_tools(sub, add_common) -> None:
-    from circuits.cli.common import ABLATIONS, non_negative_int
+    from circuits.cli.common import ABLATIONS, finite_float, non_negative_int
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("verify", help="faithfulness, curve (CPR/CMD), completeness, minimality, ablations, stability",
                        epilog="example: circuits verify circuit.json induction-2l induction --min-faithfulness 0.8",
@@ -204,13 +239,13 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("model")
     p.add_argument("task")
     p.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit file's own ablation, else resample")
-    p.add_argument("--min-faithfulness", type=float, help="exit 1 when normalized faithfulness is below this")
+    p.add_argument("--min-faithfulness", type=finite_float, help="exit 1 when normalized faithfulness is below this")
     p.add_argument("--subsets", type=non_negative_int, default=16,
                    help="completeness: random knock-out subsets (default 16)")
     p.add_argument("--stability", type=non_negative_int, default=0, help="bootstrap rediscoveries (default 0: skip)")
     p.add_argument("--out", help="write the JSON report here")
     add_common(p)
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, outputs=lambda a: [(a.out, (".json",), "--out")] if a.out else [])
 
     p = sub.add_parser("render", help="draw a circuit (SVG or PNG; PDF needs Graphviz's dot; the DOT file is always written)",
                        epilog="example: circuits render circuit.json -o circuit.svg\n\n"
@@ -220,14 +255,14 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("-o", "--output", default="circuit.svg",
                    help=".svg, .png, .pdf (Graphviz's dot only) or .dot; the DOT file is written next to it")
     p.add_argument("--title")
-    p.set_defaults(func=cmd_render)
+    p.set_defaults(func=cmd_render, outputs=_drawing_outputs)
 
     p = sub.add_parser("export", help="write a circuit in another format",
                        epilog="example: circuits export circuit.json --format mib-pt -o circuit.pt", formatter_class=fmt)
     p.add_argument("circuit")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, outputs=lambda a: [(a.output, EXPORT_SUFFIXES[a.format], f"--format {a.format} output")])
 
     p = sub.add_parser("import", help="read an MIB/EAP-IG, GraphML or node-link circuit into a circuits file",
                        epilog="example: circuits import mib_circuit.pt --format mib --model random:gpt2-small -o c.json",
@@ -237,7 +272,7 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("--model", required=True, help="the model the circuit belongs to")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_import)
+    p.set_defaults(func=cmd_import, outputs=lambda a: [(a.output, (".json",), "-o")])
 
     p = sub.add_parser("compare", help="compare circuits (methods, seeds, checkpoints, models)",
                        epilog="example: circuits compare eap.json acdc.json -o diff.svg\n"
@@ -246,7 +281,7 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("circuits", nargs="+", help="circuit files, or a directory of them (a sweep's output)")
     p.add_argument("-o", "--output", help="diff drawing of the first two (same model)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, outputs=_drawing_outputs)
 
     p = sub.add_parser("tasks", help="list built-in tasks", epilog="example: circuits tasks")
     p.add_argument("--json", action="store_true")

@@ -4,7 +4,8 @@ A spec is one of:
 - `random:<arch>`: real shapes, random weights (see `RANDOM_ARCHS`); `--seed` picks the weights;
 - a built-in model the project ships (`circuits models` lists them), e.g. `induction-2l`;
 - a local Hugging Face checkpoint directory (config, weights, tokenizer files);
-- a hub id (`gpt2`, `EleutherAI/pythia-70m`, ...), loaded through `transformers`.
+- `hf:<hub id>` (`hf:gpt2`, `hf:EleutherAI/pythia-70m`, ...), loaded through `transformers`
+  (the hub is used only when asked, so a mistyped name fails at once offline).
 
 Every model is wrapped in a TransformerLens 4 `TransformerBridge`; the engine extracts its
 weights (`adapters.py`) and, on load, checks that its own forward reproduces the model's logits
@@ -276,15 +277,16 @@ def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=
         path = Path(spec).expanduser()
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
         model = _load_dir(spec, path, meta, check, dtype)
+    elif spec.startswith("hf:"):            # the hub only when asked: offline it retries for ~30 s
+        model = _load_hub(spec[len("hf:"):], check, dtype)
     elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
         raise ModelLoadError(f"{spec}: no such directory")
     else:
         close = difflib.get_close_matches(spec, list(builtin_models()), n=1, cutoff=0.75)
-        if close and "/" not in spec:
-            # a typo of a shipped name would otherwise spend half a minute on hub retries
-            raise ModelLoadError(f"unknown model {spec!r}; did you mean {close[0]}? "
-                                 f"(built-in: {', '.join(builtin_models())}; `circuits models`)")
-        model = _load_hub(spec, check, dtype)
+        hint = f"did you mean {close[0]}? " if close and "/" not in spec else ""
+        raise ModelLoadError(f"unknown model {spec!r}: {hint}not a built-in model ({', '.join(builtin_models())}), "
+                             f"not random:<arch>, not an existing local directory; to download it from the "
+                             f"Hugging Face hub, write hf:{spec}")
     if str(device) != "cpu" or dtype is not None:
         model = dataclasses.replace(model, weights=model.weights.to(device, dtype))
     return model
