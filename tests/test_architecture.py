@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "circuits"
 
 # Lower layers never import higher ones. A module belongs to the first prefix that matches it.
 LAYERS = [
-    ["circuits.errors", "circuits.model.adapters", "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
+    ["circuits.errors", "circuits.tasks.splits", "circuits.model.adapters", "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
      "circuits.tasks.builtin", "circuits.methods.registry"],
     ["circuits.graph", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
     ["circuits.patching"],

@@ -85,6 +85,9 @@ def preflight(args) -> None:
     """Every check that needs no model, run before any heavy import so mistakes answer at once."""
     if getattr(args, "task", None) is not None:
         check_task_spec(args.task)
+    check = getattr(args, "preflight_check", None)
+    if check is not None:
+        check(args)
 
 
 def _load_model_and_task(args):

@@ -121,9 +121,11 @@ def parser() -> OneLineParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    from circuits.cli.benchmark import add_benchmark
     from circuits.cli.discover import add_discover
     from circuits.cli.tools import add_tools
     add_discover(sub, _add_common)
+    add_benchmark(sub, _add_common)
     add_tools(sub, _add_common)
     return ap
 
