@@ -99,11 +99,11 @@ HYBRID_CANDIDATE_FAITHFULNESS = 0.95
 
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
-        checkpoint=None, resume: bool = False, params: dict | None = None,
+        checkpoint=None, resume: bool = False, method_params: dict | None = None,
         progress: bool = False, seed: int = 0, provenance: dict | None = None) -> Discovery:
     """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`).
 
-    params: the scoring method's own parameters, over its registered defaults (checked)."""
+    method_params: the scoring method's own parameters, over its registered defaults (checked)."""
     g = setup.graph
     t0 = time.perf_counter()
     params: dict = {}
@@ -136,7 +136,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             kwargs["steps"] = steps
         if "seed" in kwargs:
             kwargs["seed"] = seed
-        kwargs.update(check_params(method, dict(params or {})))
+        kwargs.update(check_params(method, dict(method_params or {})))
         params = dict(kwargs)
         scores = spec.score(setup, progress=progress, **kwargs)
         mask, selected = _apply(setup, scores, selection)

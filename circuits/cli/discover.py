@@ -103,7 +103,7 @@ def cmd_discover(args) -> int:
                                    target_faithfulness=target, prune=not args.no_prune)
     found = discover.run(setup, args.method, selection=selection, tau=args.tau, steps=args.steps,
                          candidates=args.candidates, acdc_metric=Metric(args.acdc_metric) if args.acdc_metric else None,
-                         checkpoint=checkpoint, resume=args.resume, params=method_params(args),
+                         checkpoint=checkpoint, resume=args.resume, method_params=method_params(args),
                          progress=not args.quiet, seed=args.seed, provenance=split_record)
     circuit_io.save(found.circuit, args.out)
     if checkpoint and not args.checkpoint:
