@@ -201,9 +201,10 @@ def add_discover(sub, add_common) -> None:
                    help="eap, eap-gim: gradient at the clean run (noising, default) or at the ablated run")
     p.add_argument("--target-sparsity", type=float,
                    help="edge-pruning: fraction of edges the learned mask removes, in (0, 1) (default 0.95)")
-    p.add_argument("--warm-start", help="edge-pruning: method whose scores start the mask (default eap-ig-inputs; none)")
-    p.add_argument("--members", help="ensemble: comma-separated methods (default eap,eap-ig-inputs,eap-ig-activations)")
-    p.add_argument("--combine", choices=["rank", "score"], help="ensemble: rank average or normalised-score average")
+    p.add_argument("--warm-start", help="edge-pruning: method whose scores start the mask (default eap-gim; none)")
+    p.add_argument("--members", help="ensemble: comma-separated methods (default eap-ig-inputs,eap-gim,edge-pruning)")
+    p.add_argument("--combine", choices=["rank", "score", "magnitude"],
+                   help="ensemble: average of |score| ranks (magnitude, default), of signed ranks, or of scores / max |score|")
     p.add_argument("--test-fraction", type=float,
                    help="hold out this share of the examples (seeded by --split-seed): discover on the rest; "
                         "`circuits verify --test-fraction` with the same values judges on the held-out part")

@@ -181,7 +181,7 @@ def level_scores(graph, snapshots: list[torch.Tensor], target_sparsities: list[f
 
 def edge_pruning(setup: Setup, target_sparsity: float = 0.99, steps: int = 60, lr: float = 0.1,
                  l0_weight: float = 100.0, objective: str = "metric", schedule: str = "mib",
-                 warm_start: str | None = "eap-ig-inputs", seed: int = 0, progress: bool = False) -> torch.Tensor:
+                 warm_start: str | None = "eap-gim", seed: int = 0, progress: bool = False) -> torch.Tensor:
     """Learned edge-mask importances [S, R] float32 (≥ 0 on the graph's edges; see `level_scores`;
     with schedule "single", the final logits shifted so the lowest is 0).
 

@@ -4,10 +4,14 @@ Each member's scores are first put on a common scale, then averaged over members
 
 - "rank": sign(score) · rank(|score|) / n_edges (ties share their mean rank), so a member's
   order is kept both by signed score and by |score|;
-- "score": score / max |score| (the member's scores normalised to [−1, 1]).
+- "score": score / max |score| (the member's scores normalised to [−1, 1]);
+- "magnitude": rank(|score|) / n_edges, the sign dropped.
 
-Either transform is monotone in the signed score and in |score|, so an ensemble of one method
-ranks the edges exactly as that method does (tested), under both of MIB's rankings.
+"rank" and "score" are monotone in the signed score and in |score|, so an ensemble of one method
+ranks the edges exactly as that method does (tested), under both of MIB's rankings; "magnitude"
+keeps the order by |score| only. Use it to mix signed attributions with unsigned scores (learned
+masks): averaging a signed rank with an unsigned one cancels exactly the edges that work
+against the behaviour, which are as much part of the mechanism as the others.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import torch
 from circuits.evaluation import Setup
 from circuits.graph import Graph
 
-COMBINE = ("rank", "score")
-DEFAULT_MEMBERS = "eap,eap-ig-inputs,eap-ig-activations"
+COMBINE = ("rank", "score", "magnitude")
+DEFAULT_MEMBERS = "eap-ig-inputs,eap-gim,edge-pruning"
 
 
 def member_names(members) -> list[str]:
@@ -52,6 +56,8 @@ def normalise(graph: Graph, scores: torch.Tensor, combine: str) -> torch.Tensor:
     values = scores.float()[allowed]
     if combine == "rank":
         scaled = _signed_rank(values)
+    elif combine == "magnitude":
+        scaled = _signed_rank(values.abs())
     else:
         top = values.abs().max()
         scaled = values / top if top > 0 else torch.zeros_like(values)
@@ -60,14 +66,14 @@ def normalise(graph: Graph, scores: torch.Tensor, combine: str) -> torch.Tensor:
     return out
 
 
-def combine_scores(graph: Graph, member_scores: list[torch.Tensor], combine: str = "rank") -> torch.Tensor:
+def combine_scores(graph: Graph, member_scores: list[torch.Tensor], combine: str = "magnitude") -> torch.Tensor:
     """The mean of the members' normalised scores, [S, R] float32 (higher = more important)."""
     if not member_scores:
         raise ValueError("an ensemble needs at least one member's scores")
     return torch.stack([normalise(graph, s, combine) for s in member_scores]).mean(0)
 
 
-def ensemble(setup: Setup, members=DEFAULT_MEMBERS, combine: str = "rank",
+def ensemble(setup: Setup, members=DEFAULT_MEMBERS, combine: str = "magnitude",
              progress: bool = False) -> torch.Tensor:
     """Score with every member (its registered defaults) and combine. Cost: the members' sum."""
     from circuits.methods.registry import get

@@ -56,18 +56,19 @@ register(Method("clean-corrupted", "gradients averaged over the clean and the co
 register(Method("exact", "the true patching effect of each edge alone (one batched forward per group)",
                 f"{_SCORING}:exact", {"variants": 16}, exact=True))
 register(Method("edge-pruning", "learned hard-concrete edge masks, trained through the patching "
-                "coefficients toward a target sparsity (warm start: eap-ig-inputs)",
+                "coefficients toward a target sparsity (warm start: eap-gim)",
                 "circuits.methods.edge_pruning:edge_pruning",
                 {"target_sparsity": 0.99, "steps": 60, "lr": 0.1, "l0_weight": 100.0, "objective": "metric",
-                 "schedule": "mib", "warm_start": "eap-ig-inputs", "seed": 0}))
-register(Method("ensemble", "several methods' scores combined (rank or normalised-score average)",
+                 "schedule": "mib", "warm_start": "eap-gim", "seed": 0}))
+register(Method("ensemble", "several methods' scores combined (average of |score| ranks by default; "
+                "signed rank or normalised-score average)",
                 "circuits.methods.ensemble:ensemble",
-                {"members": "eap,eap-ig-inputs,eap-ig-activations", "combine": "rank"}))
+                {"members": "eap-ig-inputs,eap-gim,edge-pruning", "combine": "magnitude"}))
 
 
 # ---- method specs on the command line: "name" or "name:key=value:key=value" (torch-free) ----
 
-CHOICES = {"direction": ("noising", "denoising"), "combine": ("rank", "score"), "objective": ("kl", "metric"),
+CHOICES = {"direction": ("noising", "denoising"), "combine": ("rank", "score", "magnitude"), "objective": ("kl", "metric"),
            "schedule": ("mib", "single")}
 
 

@@ -135,7 +135,9 @@ def report(model: Model, task: Task, ablation: Ablation, discovery: Task, test: 
            test_fraction: float, rows: list[Row]) -> dict:
     g = model.graph
     labels = [r.entry.label for r in rows]
-    jac = [[checks.jaccard(a.circuit, b.circuit) for b in rows] for a in rows]
+    # two empty circuits (small graphs: 5% of the edges may prune to nothing) have no overlap to measure
+    jac = [[None if not (a.circuit | b.circuit).any() else checks.jaccard(a.circuit, b.circuit) for b in rows]
+           for a in rows]
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "model": model.spec, "task": task.name, "metric": task.metric.value, "ablation": ablation.value,
@@ -145,7 +147,8 @@ def report(model: Model, task: Task, ablation: Ablation, discovery: Task, test: 
         "methods": [{"label": r.entry.label, "method": r.entry.method,
                      "parameters": {**get(r.entry.method).defaults, **r.entry.params},
                      "seconds": r.seconds, **r.mib.as_dict()} for r in rows],
-        "jaccard_at_5_percent": {"percent": JACCARD_PERCENT, "labels": labels, "matrix": jac},
+        "jaccard_at_5_percent": {"percent": JACCARD_PERCENT, "labels": labels, "matrix": jac,
+                                 "edges": [int(r.circuit.sum()) for r in rows]},
         "direction": _direction_verdicts(rows),
     }
 
@@ -180,9 +183,10 @@ def table(rep: dict) -> str:
                          f"denoising CPR {d['denoising']['CPR']:.3f} CMD {d['denoising']['CMD']:.3f})")
     jac = rep["jaccard_at_5_percent"]
     lines.append("")
-    lines.append(f"edge Jaccard of the circuits at {jac['percent']:g}% of edges (by |score|, pruned):")
+    lines.append(f"edge Jaccard of the circuits at {jac['percent']:g}% of edges (by |score|, pruned; edges after "
+                 f"pruning in brackets; - : both empty):")
     short = [str(i + 1) for i in range(len(jac["labels"]))]
-    lines.append(f"{'':<{width + 4}}" + " ".join(f"{x:>5}" for x in short))
-    for i, (label, row) in enumerate(zip(jac["labels"], jac["matrix"])):
-        lines.append(f"{i + 1:>2}. {label:<{width}}" + " ".join(f"{x:5.2f}" for x in row))
+    lines.append(f"{'':<{width + 11}}" + " ".join(f"{x:>5}" for x in short))
+    for i, (label, row, n) in enumerate(zip(jac["labels"], jac["matrix"], jac["edges"])):
+        lines.append(f"{i + 1:>2}. {label:<{width}} ({n:>4})" + " ".join("    -" if x is None else f"{x:5.2f}" for x in row))
     return "\n".join(lines)
