@@ -13,14 +13,11 @@ def check_benchmark_args(args) -> list:
     """Everything that needs no model: the method list, the split sizes of a built-in task."""
     from circuits.methods.registry import parse_list
     from circuits.tasks.builtin import is_builtin
-    from circuits.tasks.splits import split_sizes
+    from circuits.tasks.splits import check_split
     specs = parse_list(args.methods)
     if args.plot and Path(args.plot).suffix.lower() not in (".svg", ".png"):
         raise ValueError(f"{args.plot}: the plot is written as .svg or .png")
-    if is_builtin(args.task):
-        split_sizes(args.n, args.test_fraction)
-    else:
-        split_sizes(10**9, args.test_fraction)      # the fraction itself; sizes once the file is read
+    check_split(args.n if is_builtin(args.task) else None, args.test_fraction)
     return specs
 
 

@@ -37,8 +37,8 @@ def _check_options(args) -> None:
         raise ValueError(f"--target-faithfulness and {chosen[0]} are two ways to choose the size: give one")
     if given("test_fraction"):
         from circuits.tasks.builtin import is_builtin
-        from circuits.tasks.splits import split_sizes
-        split_sizes(args.n if is_builtin(args.task) else 10**9, args.test_fraction)
+        from circuits.tasks.splits import check_split
+        check_split(args.n if is_builtin(args.task) else None, args.test_fraction)
     method_params(args)
 
 

@@ -44,8 +44,8 @@ def cmd_verify(args) -> int:
         refuse_overwriting_inputs([args.circuit, args.task], [args.out])
     if args.test_fraction is not None:
         from circuits.tasks.builtin import is_builtin
-        from circuits.tasks.splits import split_sizes
-        split_sizes(args.n if is_builtin(args.task) else 10**9, args.test_fraction)
+        from circuits.tasks.splits import check_split
+        check_split(args.n if is_builtin(args.task) else None, args.test_fraction)
     model, task = _load_model_and_task(args)
     held_out = None
     if args.test_fraction is not None:
