@@ -55,7 +55,7 @@ def test_mib_pairing_cpr_by_signed_cmd_by_abs(ioi_setup):
 def test_split_is_seeded_disjoint_and_complete(ioi_setup):
     task = ioi_setup.task
     d1, t1 = split(task, 0.25, seed=3)
-    d2, t2 = split(task, 0.25, seed=3)
+    _, t2 = split(task, 0.25, seed=3)
     assert torch.equal(t1.clean, t2.clean) and (len(d1), len(t1)) == (6, 2)
     def rows(t):
         return [tuple(r[:n]) for r, n in zip(t.clean.tolist(), t.lengths.tolist())]
@@ -100,7 +100,7 @@ def test_denoising_works_under_a_divergence_metric_noising_refuses():
 @pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny"])
 def test_gim_with_every_switch_off_is_eap_exactly(spec):
     setup = _tiny_setup(spec)
-    off = dict(freeze_norm=False, softmax_temperature=1.0, q_scale=1.0, k_scale=1.0, v_scale=1.0)
+    off = {"freeze_norm": False, "softmax_temperature": 1.0, "q_scale": 1.0, "k_scale": 1.0, "v_scale": 1.0}
     for direction in ("noising", "denoising"):
         assert torch.equal(methods.get("eap-gim").score(setup, direction=direction, **off),
                            methods.get("eap").score(setup, direction=direction))
@@ -113,7 +113,7 @@ def _columns(graph, layer, kind):
 
 
 def _gim(setup, **switch):
-    off = dict(freeze_norm=False, softmax_temperature=1.0, q_scale=1.0, k_scale=1.0, v_scale=1.0)
+    off = {"freeze_norm": False, "softmax_temperature": 1.0, "q_scale": 1.0, "k_scale": 1.0, "v_scale": 1.0}
     return methods.get("eap-gim").score(setup, **{**off, **switch})
 
 
@@ -200,7 +200,7 @@ def test_patching_is_differentiable_in_coef(ioi_setup):
 
 
 def test_edge_pruning_is_deterministic_and_nonnegative(ioi_setup):
-    kw = dict(steps=6, warm_start="eap")
+    kw = {"steps": 6, "warm_start": "eap"}
     a = methods.get("edge-pruning").score(ioi_setup, **kw)
     b = methods.get("edge-pruning").score(ioi_setup, **kw)
     assert torch.equal(a, b)

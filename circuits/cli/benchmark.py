@@ -22,7 +22,11 @@ def check_benchmark_args(args) -> list:
 
 
 def cmd_benchmark(args) -> int:
-    from circuits.cli.common import _load_model_and_task, _print_json, refuse_overwriting_inputs
+    from circuits.cli.common import (
+        _load_model_and_task,
+        _print_json,
+        refuse_overwriting_inputs,
+    )
     specs = check_benchmark_args(args)
     outputs = [p for p in (args.plot, args.out) if p]
     refuse_overwriting_inputs([args.task], outputs)

@@ -169,7 +169,12 @@ def _ground_truth_line(gt: dict) -> str:
 
 
 def add_discover(sub, add_common) -> None:
-    from circuits.cli.common import ABLATIONS, fraction, non_negative_float, positive_int
+    from circuits.cli.common import (
+        ABLATIONS,
+        fraction,
+        non_negative_float,
+        positive_int,
+    )
     from circuits.methods import REGISTRY
     p = sub.add_parser(
         "discover", help="find the circuit of a model on a task",

@@ -31,11 +31,11 @@ def curves_svg(rep: dict, width: int = 980, height: int = 420) -> str:
     panel_w = (width - margin_l - margin_r - legend_w - gap) / 2
     panel_h = height - margin_t - margin_b
     x_lo, x_hi = math.log10(0.1), math.log10(100)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="11">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="11">'),
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{margin_l}" y="18" font-size="13">{escape(rep["model"])} / {escape(rep["task"])}: '
-           f'faithfulness on {rep["split"]["test"]} held-out examples ({escape(rep["ablation"])} ablation)</text>']
+           (f'<text x="{margin_l}" y="18" font-size="13">{escape(rep["model"])} / {escape(rep["task"])}: '
+            f'faithfulness on {rep["split"]["test"]} held-out examples ({escape(rep["ablation"])} ablation)</text>')]
     for k, (key, title) in enumerate(PANELS):
         x0 = margin_l + k * (panel_w + gap)
 

@@ -168,7 +168,7 @@ def level_scores(graph, snapshots: list[torch.Tensor], target_sparsities: list[f
     n = int(allowed.sum())
     count = torch.zeros(n)
     for theta, sparsity in zip(snapshots, target_sparsities):
-        k = int(round((1 - sparsity) * n))
+        k = round((1 - sparsity) * n)
         order = torch.sort(theta[allowed], descending=True, stable=True).indices
         count[order[:k]] += 1
     final = snapshots[-1][allowed]

@@ -6,10 +6,10 @@ Every function accepts inputs shared by all receivers (`[N, P, d]`) or one input
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-
-from dataclasses import dataclass
 
 from circuits.model.adapters import ACTIVATIONS, Arch, LayerWeights, Norm
 

@@ -27,7 +27,7 @@ def split_sizes(n: int, test_fraction: float) -> tuple[int, int]:
     """(discovery, test) sizes of a split of n examples: round(n · test_fraction) are tested.
     Refused when the test set would have fewer than 2 examples or discovery none."""
     check_fraction(test_fraction)
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     if n_test < 2:
         raise SplitError(f"a test fraction of {test_fraction:g} of {n} examples leaves {n_test} test "
                          f"example{'s' if n_test != 1 else ''}; at least 2 are needed (more examples or a "

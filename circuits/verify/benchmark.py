@@ -62,7 +62,7 @@ def entries(specs: list[tuple[str, dict]], both_directions: bool = True) -> list
             out.append(Entry(_label(name, other), name, other))
     labels = [e.label for e in out]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"the method list names {sorted({x for x in labels if labels.count(x) > 1})[0]} twice")
+        raise ValueError(f"the method list names {min(x for x in labels if labels.count(x) > 1)} twice")
     return out
 
 
@@ -156,8 +156,8 @@ def report(model: Model, task: Task, ablation: Ablation, discovery: Task, test: 
 def table(rep: dict) -> str:
     """The report as terminal text: the MIB table, curves, directions, Jaccard at 5%."""
     s = rep["split"]
-    lines = [f"{rep['model']} / {rep['task']}: {rep['edges']} edges, {rep['metric']}, {rep['ablation']} ablation; "
-             f"discovery {s['discovery']} examples, test {s['test']} (split seed {s['seed']})",
+    lines = [(f"{rep['model']} / {rep['task']}: {rep['edges']} edges, {rep['metric']}, {rep['ablation']} ablation; "
+              f"discovery {s['discovery']} examples, test {s['test']} (split seed {s['seed']})"),
              f"held-out MIB figures: {rep['pairing']}", ""]
     width = max(len(m["label"]) for m in rep["methods"])
     lines.append(f"{'method':<{width}}   CPR ↑    CMD ↓   | by |score|: CPR   by signed: CMD |  time s")
