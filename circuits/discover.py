@@ -12,6 +12,7 @@ from circuits import methods, select
 from circuits.circuit import Circuit
 from circuits.evaluation import Setup, behaviour_gap, normalized_faithfulness
 from circuits.methods.acdc import acdc
+from circuits.methods.registry import check_params
 from circuits.tasks.task import Metric
 
 
@@ -99,8 +100,11 @@ HYBRID_CANDIDATE_FAITHFULNESS = 0.95
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
         checkpoint=None, resume: bool = False, checkpoint_every: float = 30.0,
+        method_params: dict | None = None,
         progress: bool = False, seed: int = 0, provenance: dict | None = None) -> Discovery:
-    """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`)."""
+    """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`).
+
+    method_params: the scoring method's own parameters, over its registered defaults (checked)."""
     g = setup.graph
     t0 = time.perf_counter()
     params: dict = {}
@@ -132,6 +136,9 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         kwargs = dict(spec.defaults)
         if steps is not None and "steps" in kwargs:
             kwargs["steps"] = steps
+        if "seed" in kwargs:
+            kwargs["seed"] = seed
+        kwargs.update(check_params(method, dict(method_params or {})))
         params = dict(kwargs)
         scores = spec.score(setup, progress=progress, **kwargs)
         mask, selected = _apply(setup, scores, selection)
@@ -146,5 +153,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "parameters": params, "seed": seed, "package_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
+    if "direction" in params:
+        prov["direction"] = params["direction"]
     prov.update(provenance or {})
     return Discovery(Circuit(g, mask, scores.float(), prov), faith, seconds, details)

@@ -69,16 +69,29 @@ class _Deltas:
     """Ablated-minus-current outputs of the senders so far, laid out for one matmul per layer."""
 
     def __init__(self, prefix: Prefix | None, n_own: int, V: int, B: int, P: int, d: int,
-                 like: torch.Tensor):
+                 like: torch.Tensor, differentiable: bool = False):
         self.n_shared = 0 if prefix is None else prefix.delta.shape[0]
         self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
         self.cache = None if prefix is None else prefix.patches
-        self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
+        # Differentiable (learned masks): writing into a preallocated buffer would modify tensors
+        # autograd saved, so the deltas are kept as a list and stacked where read.
+        self.differentiable = differentiable
+        self.parts: list[torch.Tensor] = []
+        self.own = like.new_empty(V, n_own, B * P * d) if n_own and not differentiable else None
         self.V, self.B, self.P, self.d = V, B, P, d
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         V, B, P, d = self.V, self.B, self.P, self.d
+        if self.differentiable:
+            self.parts.append((ablated - out.reshape(V, B, P, d)).reshape(V, B * P * d))
+            return
         torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+
+    def _own(self, lo: int, hi: int) -> torch.Tensor:
+        """[V, hi − lo, B·P·d] deltas of own senders lo..hi (indices counted from n_shared)."""
+        if self.differentiable:
+            return torch.stack(self.parts[lo:hi], 1)
+        return self.own[:, lo:hi]
 
     def _shared_patch(self, coef: torch.Tensor, first: int) -> torch.Tensor:
         if self.cache is None:
@@ -103,7 +116,7 @@ class _Deltas:
         lo = max(first, self.n_shared)
         if n_senders > lo:
             own = torch.bmm(coef[:, lo - first :].transpose(1, 2),
-                            self.own[:, lo - self.n_shared : n_senders - self.n_shared])
+                            self._own(lo - self.n_shared, n_senders - self.n_shared))
             out = own if out is None else out.add_(own)
         BP = self.B * self.P
         if V == 1:
@@ -111,7 +124,7 @@ class _Deltas:
         return out.view(V, R, BP, self.d).transpose(0, 1).reshape(R, V * BP, self.d)
 
 
-def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
+def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False):
     """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
 
     Receivers whose coefficient columns are identical (typically: every edge ablated) share one
@@ -125,13 +138,16 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
         V = coef.shape[0]
         idx = (c0 + cols).tolist() + ([mlp_col] if mlp_col >= 0 else [])
         key = coef[:, :s0, idx].permute(2, 0, 1).reshape(len(idx), V * s0)
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if coef.requires_grad:            # unique has no gradient; learned masks rarely repeat
+            uniq, inverse = key, torch.arange(len(idx), device=key.device)
+        else:
+            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
         patches = deltas.patch(uniq.view(-1, V, s0).permute(1, 2, 0), s0)       # [n_u, N·P, d]
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
         if len(cols):
-            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1)
+            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1, freeze_norm)
     group_of = dict(zip(cols.tolist(), [] if inverse is None else inverse.tolist()))
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
@@ -143,13 +159,13 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
             (plain if u is None else by_input.setdefault(u, [])).append(h)
         if not by_input:
             if shared_norm is None:
-                shared_norm = C.norm(arch, resid, lw.ln1)
+                shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             out.append(C.project(shared_norm, W, b))
             continue
         t = resid.new_empty(N, P, n, W.shape[2])
         if plain:
             if shared_norm is None:
-                shared_norm = C.norm(arch, resid, lw.ln1)
+                shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             t[:, :, plain] = C.project(shared_norm, W[plain], b[plain])
         for u, heads in by_input.items():
             t[:, :, heads] = C.project(inputs[u].view(N, P, d), W[heads], b[heads])
@@ -173,7 +189,8 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         record: bool = False,
         taps: bool = False,
         embeds: torch.Tensor | None = None,
-        stream: torch.Tensor | None = None) -> Run:
+        stream: torch.Tensor | None = None,
+        grad_mods: C.GradientMods | None = None) -> Run:
     """One forward pass of the engine.
 
     tokens: [B, P]. positions: [B] the position whose logits are wanted (None: all positions).
@@ -184,7 +201,10 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     taps: keep the tensors `receiver_grads` needs. embeds: [B, P, d] replaces the input sender's
     output. stream: [S, B, P, d] values every sender writes to the stream instead of its own
     output (straight-through: gradients still flow through the sender's computation).
+    grad_mods: backward-only changes (GIM); the forward's values stay the same.
     """
+    mods = grad_mods if grad_mods is not None and grad_mods.active else None
+    freeze = mods is not None and mods.freeze_norm
     arch = graph.arch
     if coef is not None and coef.dim() == 2:
         coef = coef.unsqueeze(0)
@@ -210,8 +230,8 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     n_prefix = 0 if prefix is None else prefix.delta.shape[0]    # senders cached in the prefix
     deltas = None
     if coef is not None:
-        deltas = _Deltas(prefix, graph.n_senders - n_prefix,
-                         V, B, P, d, resid)
+        deltas = _Deltas(prefix, graph.n_senders - n_prefix, V, B, P, d, resid,
+                         differentiable=coef.requires_grad and torch.is_grad_enabled())
     outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None
     resid_log: list[torch.Tensor] = []
 
@@ -245,13 +265,19 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         col = graph.mlp_col[layer]
         cols = torch.nonzero(active[c0:c1]).flatten()
         fuse_mlp = col >= 0 and bool(active[col])
-        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0)
+        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0,
+                                  freeze)
         H = arch.n_heads
         if taps:
             tap[("attn", layer)] = (resid, q, k, v)
+        temperature = 1.0
+        if mods is not None:
+            q, k, v = (C.scale_grad(q, mods.q_scale), C.scale_grad(k, mods.k_scale),
+                       C.scale_grad(v, mods.v_scale))
+            temperature = mods.softmax_temperature
         if cos is not None:
             q, k = C.rotate(arch, q, cos, sin), C.rotate(arch, k, cos, sin)
-        heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid))                 # [N, P, H, d]
+        heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid, temperature))     # [N, P, H, d]
         if stream is not None:
             heads = heads + (stream[s0 : s0 + H].permute(1, 2, 0, 3) - heads).detach()
         for h in range(H):
@@ -268,7 +294,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
             x = mid + mlp_patch.view(mid.shape)
             if n_in > s0:                                    # the layer's own heads (sequential)
                 x = x + deltas.patch(coef[:, s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
-        h2 = C.norm(arch, x, lw.ln2)
+        h2 = C.norm(arch, x, lw.ln2, freeze)
         if taps:
             tap[("mlp", layer)] = (x, h2)
         out = C.mlp(arch, lw, h2)
@@ -286,7 +312,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         x = resid + deltas.patch(coef[:, :, col : col + 1], graph.n_senders).view(resid.shape)
     if positions is not None:
         x = x[torch.arange(x.shape[0], device=x.device), positions]
-    hf = C.norm(arch, x, w.ln_final)
+    hf = C.norm(arch, x, w.ln_final, freeze)
     if taps:
         tap[("logits",)] = (x, hf)
     logits = hf @ w.W_U

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "circuits"
 
 # Lower layers never import higher ones. A module belongs to the first prefix that matches it.
 LAYERS = [
-    ["circuits.errors", "circuits.files", "circuits.model.adapters", "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
+    ["circuits.errors", "circuits.files", "circuits.tasks.splits", "circuits.model.adapters",
+     "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
      "circuits.tasks.builtin", "circuits.methods.registry"],
     ["circuits.graph", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
     ["circuits.patching"],

@@ -154,6 +154,9 @@ def preflight(args) -> None:
     refuse_overwriting_inputs([i for i in inputs if i], [path for path, _, _ in written])
     for path, suffixes, what in written:
         check_output(path, suffixes, what)
+    check = getattr(args, "preflight_check", None)
+    if check is not None:
+        check(args)
 
 
 def outputs(args) -> list[tuple[str, tuple[str, ...] | None, str]]:

@@ -120,11 +120,13 @@ def parser() -> OneLineParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    from circuits.cli.benchmark import add_benchmark
     from circuits.cli.discover import add_discover
     from circuits.cli.sweep import add_sweep
     from circuits.cli.tools import add_tools
     from circuits.cli.view import add_view
     add_discover(sub, _add_common)
+    add_benchmark(sub, _add_common)
     add_tools(sub, _add_common)
     add_sweep(sub, _add_common)
     add_view(sub, _add_common)

@@ -53,7 +53,16 @@ def cmd_verify(args) -> int:
 
     if args.out:
         refuse_overwriting_inputs([args.circuit, args.task], [args.out])
+    if args.test_fraction is not None:
+        from circuits.tasks.builtin import is_builtin
+        from circuits.tasks.splits import check_split
+        check_split(args.n if is_builtin(args.task) else None, args.test_fraction)
     model, task = _load_model_and_task(args)
+    held_out = None
+    if args.test_fraction is not None:
+        from circuits.tasks.task import split
+        _, task = split(task, args.test_fraction, args.split_seed)
+        held_out = {"seed": args.split_seed, "test_fraction": args.test_fraction, "test": len(task)}
     circ = circuit_io.load(args.circuit, model.graph)
     note_other_model(args, circ.provenance)
     args.ablation = ablation_for(args, circ.provenance)
@@ -68,10 +77,16 @@ def cmd_verify(args) -> int:
               "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
     skipped = report["skipped"] = {}
+    if held_out:
+        report["held_out"] = held_out
+    recorded = circ.provenance.get("split")
+    if recorded and (held_out is None or (recorded.get("seed"), recorded.get("test_fraction")) !=
+                     (held_out["seed"], held_out["test_fraction"])):
+        print(f"note: the circuit was found on the discovery part of a split (seed {recorded.get('seed')}, test "
+              f"fraction {recorded.get('test_fraction')}); --test-fraction {recorded.get('test_fraction')} "
+              f"--split-seed {recorded.get('seed')} verifies on its held-out part", file=__import__("sys").stderr)
     if circ.scores is not None:
-        points = checks.faithfulness_curve(setup, circ.scores)
-        cpr, cmd = checks.cpr_cmd(points)
-        report["curve"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
+        report["curve"] = checks.mib_scores(setup, circ.scores).as_dict()
     else:
         skipped["curve"] = "the circuit file has no edge scores to rank edges by"
     if args.subsets == 0:
@@ -110,10 +125,16 @@ def cmd_verify(args) -> int:
         print(f"{args.circuit}: {report['edges']} of {report['total_edges']} edges, {task.name}, "
               f"{task.metric.value}, {args.ablation} ablation")
         print(f"  faithfulness        {f['normalized']:.4f}  (raw {f['raw']:.4g}; empty {f['empty']:.4g}, model {f['model']:.4g})")
+        if held_out:
+            print(f"  held out            {plural(held_out['test'], 'test example')} (split seed {held_out['seed']}, "
+                  f"test fraction {held_out['test_fraction']:g})")
         if "curve" in report:
             c = report["curve"]
-            print("  curve               " + "  ".join(f"{p['percent']:g}%:{p['faithfulness']:.2f}" for p in c["points"]))
-            print(f"  CPR {c['CPR']:.4f}   CMD {c['CMD']:.4f}")
+            for key, label in (("by_signed_score", "by signed score"), ("by_abs_score", "by |score|     ")):
+                print(f"  curve {label} " + "  ".join(f"{p['percent']:g}%:{p['faithfulness']:.2f}"
+                                                     for p in c[key]["points"]))
+            print(f"  CPR {c['CPR']:.4f} (by signed score)   CMD {c['CMD']:.4f} (by |score|)   MIB's pairing; "
+                  f"by |score|: CPR {c['by_abs_score']['CPR']:.4f}, by signed: CMD {c['by_signed_score']['CMD']:.4f}")
         comp = report["completeness"]
         print(f"  completeness        worst gap {_fmt(comp['worst_gap'])}, median {_fmt(comp['median_gap'])}"
               + (f"  (worst: knock out {', '.join(comp['worst']['knocked_out'])})" if comp["worst"] else ""))
@@ -243,6 +264,9 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("--subsets", type=non_negative_int, default=16,
                    help="completeness: random knock-out subsets (default 16)")
     p.add_argument("--stability", type=non_negative_int, default=0, help="bootstrap rediscoveries (default 0: skip)")
+    p.add_argument("--test-fraction", type=float,
+                   help="verify on the held-out part of the task's seeded split (as discover/benchmark --test-fraction)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the discovery/test split (default 0)")
     p.add_argument("--out", help="write the JSON report here")
     add_common(p)
     p.set_defaults(func=cmd_verify, outputs=lambda a: [(a.out, (".json",), "--out")] if a.out else [])

@@ -22,10 +22,11 @@ from circuits.tasks.task import metric_values
 
 
 def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: torch.Tensor,
-                          scores: torch.Tensor, objective: torch.Tensor) -> None:
+                          scores: torch.Tensor, objective: torch.Tensor, freeze_norm: bool = False) -> None:
     """Add Σ_{b,p} delta_s · ∂objective/∂input_r into scores [S, R] (float32) for every edge.
 
-    delta: [S, B, P, d] ablated minus clean sender outputs.
+    delta: [S, B, P, d] ablated minus clean sender outputs. freeze_norm: each receiver's own norm
+    with its scale statistic held constant (GIM), as the forward's norms were.
     """
     g, w, arch = setup.graph, setup.model.weights, setup.graph.arch
     keys = list(run.taps)
@@ -46,20 +47,21 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
             per_recv = torch.cat([torch.einsum("bphe,hde->bphd", dq, lw.W_Q),
                                   torch.einsum("bphe,hde->bphd", dk, lw.W_K),
                                   torch.einsum("bphe,hde->bphd", dv, lw.W_V)], dim=2)
-            G = C.norm_vjp(arch, resid.detach(), lw.ln1[0], per_recv)         # [B, P, R_L, d]
+            G = C.norm_vjp(arch, resid.detach(), lw.ln1[0], per_recv, freeze_norm)   # [B, P, R_L, d]
             c0, c1 = g.attn_cols[layer]
             s0 = g.sender_start[layer]
             scores[:s0, c0:c1] += flat[:s0] @ G.permute(0, 1, 3, 2).reshape(-1, c1 - c0)
         elif key[0] == "mlp":
             layer = key[1]
             x = run.taps[key][0]
-            G = C.norm_vjp(arch, x.detach(), w.layers[layer].ln2[0], next(it).unsqueeze(2))[:, :, 0]
+            G = C.norm_vjp(arch, x.detach(), w.layers[layer].ln2[0], next(it).unsqueeze(2), freeze_norm)[:, :, 0]
             col = g.mlp_col[layer]
             n_in = int(g.n_inputs[col])
             scores[:n_in, col] += flat[:n_in] @ G.reshape(-1)
         else:
             x = run.taps[key][0]                                                 # [B, d] at positions
-            G = C.norm_vjp(arch, x.detach()[:, None], w.ln_final[0], next(it)[:, None, None])[:, 0, 0]
+            G = C.norm_vjp(arch, x.detach()[:, None], w.ln_final[0], next(it)[:, None, None],
+                           freeze_norm)[:, 0, 0]
             B = x.shape[0]
             at_pos = delta[:, torch.arange(B), chunk.task.positions.to(delta.device)].float()  # [S, B, d]
             scores[:, g.logits_col] += (at_pos * G[None]).sum((1, 2))
@@ -69,13 +71,17 @@ def _ablated_minus_clean(chunk: Chunk, clean_outputs: torch.Tensor) -> torch.Ten
     return (chunk.ablated - clean_outputs).expand_as(clean_outputs)
 
 
-def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool = False) -> torch.Tensor:
+def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool = False,
+                    mods: C.GradientMods | None = None) -> torch.Tensor:
     """Σ_edges estimate m(edge ablated) − m(clean), averaging gradients over `alphas`.
 
     mode "inputs": gradients at input embeddings interpolated corrupted→clean (alpha=1: clean);
-    mode "activations": every sender writes ablated + alpha·(clean − ablated) to the stream.
-    Returns [S, R] float32 (the raw linear estimate, summed over examples / total examples).
+    mode "activations": every sender writes ablated + alpha·(clean − ablated) to the stream
+    (alpha=0: the run with every sender ablated, where denoising takes its gradient).
+    mods: backward-only gradient corrections (GIM). Returns [S, R] float32 (the raw linear
+    estimate, summed over examples / total examples).
     """
+    freeze = mods is not None and mods.freeze_norm
     g, w = setup.graph, setup.model.weights
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float32, device=w.device)
     n_total = len(setup.task)
@@ -99,10 +105,10 @@ def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool
             embeds = embeds.detach().requires_grad_(True)
             with torch.enable_grad():
                 run = patching.run(w, g, tokens, positions=chunk.task.positions, taps=True,
-                                   embeds=embeds, stream=stream)
+                                   embeds=embeds, stream=stream, grad_mods=mods)
                 values = metric_values(setup.task.metric, run.logits, chunk.task, chunk.clean_logits)
                 objective = values.sum() / (n_total * len(alphas))
-                _receiver_grad_scores(setup, chunk, run, delta, scores, objective)
+                _receiver_grad_scores(setup, chunk, run, delta, scores, objective, freeze)
             bar.update(1)
     bar.close()
     return scores
