@@ -15,6 +15,7 @@ import torch
 
 from circuits import positions as pos
 from circuits.errors import CircuitsError
+from circuits.files import json_safe, write_text
 from circuits.graph import Graph
 
 SCHEMA = "circuits.circuit"
@@ -91,12 +92,16 @@ def to_dict(circuit: Circuit) -> dict:
     return out
 
 
-def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
-    if data.get("schema") != SCHEMA:
-        raise CircuitFileError(f"{source}: not a circuits file (schema {data.get('schema')!r})")
-    if data.get("schema_version", 0) > SCHEMA_VERSION:
+def from_dict(data: dict, graph: Graph, source: str = "circuit", text: str | None = None) -> Circuit:
+    """A circuit from a parsed circuits file; `text` (the file's text) lets errors name the line."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise CircuitFileError(f"{source}: not a circuits file (schema {schema!r})")
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise CircuitFileError(f"{source}: schema version {data['schema_version']} is newer than this "
                                f"package reads ({SCHEMA_VERSION}); upgrade circuits")
+    validate(data, source, text)
     summary = arch_summary(graph)
     theirs = data.get("graph", {})
     for key in ("n_layers", "n_heads", "n_kv_heads", "has_mlp", "parallel"):
@@ -104,11 +109,8 @@ def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
             raise CircuitFileError(f"{source}: made for a model with {key}={theirs[key]}, "
                                    f"this model has {summary[key]}")
     names = data.get("positions")
-    if names is not None and (not isinstance(names, list) or not names
-                              or not all(isinstance(n, str) for n in names)):
-        raise CircuitFileError(f"{source}: 'positions' should be a list of position names")
     names = None if names is None else tuple(names)
-    mask, scores = edges_from_dict(data.get("edges", {}), graph, source, names)
+    mask, scores = edges_from_dict(data["edges"], graph, source, text, names)
     neurons = _neuron_table(data.get("neurons"), graph, source, "neurons")
     neuron_scores = _neuron_table(data.get("neuron_scores"), graph, source, "neuron_scores")
     return Circuit(graph, mask, scores, dict(data.get("provenance", {})), names,
@@ -116,7 +118,7 @@ def from_dict(data: dict, graph: Graph, source: str = "circuit") -> Circuit:
 
 
 def _neuron_table(table, graph: Graph, source: str, key: str) -> torch.Tensor | None:
-    """{sender: [d values]} → [S, d] float, every sender present."""
+    """{sender: [d values]} → [S, d] float, every sender present (null: NaN, as `save` writes it)."""
     if table is None:
         return None
     d = graph.arch.d_model
@@ -126,13 +128,99 @@ def _neuron_table(table, graph: Graph, source: str, key: str) -> torch.Tensor | 
     rows = []
     for name in graph.senders:
         row = table[name]
-        if not isinstance(row, list) or len(row) != d or not all(isinstance(x, (int, float)) for x in row):
+        if not isinstance(row, list) or len(row) != d or \
+                not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in row):
             raise CircuitFileError(f"{source}: '{key}' of {name} should be {d} numbers")
-        rows.append(row)
+        rows.append([math.nan if x is None else x for x in row])
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def edges_from_dict(edges: dict, graph: Graph, source: str,
+# The file format, declared once: `validate` checks a file against it before anything is read.
+FILE_SCHEMA = {
+    "type": "object",
+    "required": ["schema", "schema_version", "edges"],
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "schema_version": {"type": "integer", "minimum": 1},
+        "graph": {"type": "object", "properties": {
+            "family": {"type": "string"}, "n_layers": {"type": "integer", "minimum": 0},
+            "n_heads": {"type": "integer", "minimum": 1}, "n_kv_heads": {"type": "integer", "minimum": 1},
+            "has_mlp": {"type": "boolean"}, "parallel": {"type": "boolean"},
+            "d_model": {"type": "integer", "minimum": 0}, "n_edges": {"type": "integer", "minimum": 0}}},
+        "provenance": {"type": "object"},
+        "n_edges_in_graph": {"type": "integer", "minimum": 0},
+        "nodes": {"type": "array", "items": {"type": "string"}},
+        "edges": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["in_graph"], "additionalProperties": False,
+            "properties": {"score": {"type": ["number", "null"]}, "in_graph": {"type": "boolean"}}}},
+        # position grain: the names of the positions (edges are then named s@p->r@p)
+        "positions": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        # neuron grain: {sender: [d_model values]}, 1 = output dimension kept
+        "neurons": {"type": "object", "additionalProperties": {
+            "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1}}},
+        "neuron_scores": {"type": "object", "additionalProperties": {
+            "type": "array", "items": {"type": ["number", "null"]}}},
+    },
+}
+
+
+class NonFinite(str):
+    """NaN/Infinity as parsed from a file: not a JSON number, so the schema refuses it."""
+
+
+def _key(path) -> str:
+    """edges["a0.h0->m0"].score"""
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p.isidentifier():
+            out += f".{p}" if out else p
+        else:
+            out += f"[{json.dumps(p)}]"
+    return out
+
+
+def line_of(text: str | None, path) -> int | None:
+    """The line of the field at `path` (its keys found in order), or None."""
+    if not text:
+        return None
+    at, found = 0, None
+    for part in path:
+        if isinstance(part, str):
+            hit = text.find(json.dumps(part) + ":", at)
+            if hit < 0:
+                break
+            at = found = hit
+    return None if found is None else text.count("\n", 0, found) + 1
+
+
+def validate(data, source: str, text: str | None = None, schema: dict = FILE_SCHEMA) -> None:
+    """Check parsed JSON against a declared schema; the first error as one line naming the file,
+    the field and (when the text is given) the line."""
+    import jsonschema
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    if error is None:
+        return
+    path = list(error.absolute_path)
+    field = _key(path) or "the top level"
+    line = line_of(text, path)
+    where = f"{source}, line {line}" if line else source
+    if isinstance(error.instance, NonFinite):
+        message = f"{error.instance} is not a finite number"
+    elif error.validator == "required":
+        message = error.message.replace("is a required property", "is missing")
+        if path:
+            message = f"{message} in {field}"
+        raise CircuitFileError(f"{where}: {message}")
+    elif error.validator == "additionalProperties":
+        message = error.message
+    else:
+        message = error.message if len(error.message) < 120 else error.message[:117] + "..."
+    raise CircuitFileError(f"{where}: field {field}: {message}")
+
+
+def edges_from_dict(edges: dict, graph: Graph, source: str, text: str | None = None,
                     positions: tuple[str, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """{edge name: {"score", "in_graph"}} → (mask, scores or None when no edge has a score);
     [P, S, R] with position names (edges named `s@p->r@p`)."""
@@ -146,27 +234,33 @@ def edges_from_dict(edges: dict, graph: Graph, source: str,
         try:
             at = locate(name)                            # (s, r) or (p, s, r)
         except KeyError as err:
-            raise CircuitFileError(f"{source}: {err.args[0]}") from None
+            line = line_of(text, [name])
+            where = f"{source}, line {line}" if line else source
+            raise CircuitFileError(f"{where}: {err.args[0]}") from None
         if not isinstance(edge, dict):
             raise CircuitFileError(f"{source}: edge {name!r} should be an object with score and in_graph, "
                                    f"got {edge!r:.60}")
-        mask[at] = bool(edge.get("in_graph", False))
+        in_graph = edge.get("in_graph", False)
+        if not isinstance(in_graph, bool):
+            raise CircuitFileError(f"{source}: edge {name!r} has in_graph {in_graph!r:.20}, not true or false")
+        mask[at] = in_graph
         if edge.get("score") is not None:
-            try:
-                scores[at] = float(edge["score"])
-            except (TypeError, ValueError):
-                raise CircuitFileError(f"{source}: edge {name!r} has score {edge['score']!r:.60}, "
-                                       f"not a number") from None
+            value = edge["score"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CircuitFileError(f"{source}: edge {name!r} has score {value!r:.60}, "
+                                       f"not a finite number")
+            scores[at] = float(value)
             has_scores = True
     return mask, scores if has_scores else None
 
 
-def save(circuit: Circuit, path: str | Path) -> None:
-    """Write atomically: a failed write never leaves a half file behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(circuit), indent=1, allow_nan=True))
-    tmp.replace(path)
+def save(circuit: Circuit, path: str | Path) -> list[str]:
+    """Write atomically (the old file stays intact on any failure). Non-finite numbers (an
+    undefined faithfulness, a NaN score) are written as null; returns the fields that were."""
+    replaced: list[str] = []
+    data = json_safe(to_dict(circuit), replaced=replaced)
+    write_text(path, json.dumps(data, indent=1, allow_nan=False))
+    return replaced
 
 
 def graph_from_summary(summary: dict) -> Graph:
@@ -190,7 +284,8 @@ def load(path: str | Path, graph: Graph | None = None) -> Circuit:
     if not path.is_file():
         raise CircuitFileError(f"{path}: no such circuit file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text, parse_constant=NonFinite)
     except UnicodeDecodeError:
         raise CircuitFileError(f"{path}: binary content, not a circuits JSON file (an MIB .pt file? "
                                f"`circuits import --format mib` reads it)") from None
@@ -202,7 +297,7 @@ def load(path: str | Path, graph: Graph | None = None) -> Circuit:
         if data.get("schema") != SCHEMA:
             raise CircuitFileError(f"{path}: not a circuits file (schema {data.get('schema')!r})")
         graph = graph_from_summary(data.get("graph", {}))
-    return from_dict(data, graph, str(path))
+    return from_dict(data, graph, str(path), text)
 
 
 def finite(x: float) -> float | None:

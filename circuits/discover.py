@@ -12,6 +12,7 @@ from circuits import methods, select
 from circuits.circuit import Circuit
 from circuits.evaluation import Setup, behaviour_gap, normalized_faithfulness
 from circuits.methods.acdc import acdc
+from circuits.methods.registry import check_params
 from circuits.tasks.task import Metric
 
 
@@ -134,11 +135,13 @@ HYBRID_CANDIDATE_FAITHFULNESS = 0.95
 
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
-        checkpoint=None, resume: bool = False,
+        checkpoint=None, resume: bool = False, checkpoint_every: float = 30.0,
+        method_params: dict | None = None,
         progress: bool = False, seed: int = 0, provenance: dict | None = None,
         neurons: bool = False) -> Discovery:
     """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`).
 
+    method_params: the scoring method's own parameters, over its registered defaults (checked).
     neurons: a neuron-level circuit instead: every edge kept, the output dimensions of each sender
     chosen by an attribution method's neuron scores (the selection counts neurons)."""
     g = setup.graph
@@ -149,6 +152,9 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
     if neurons:
         if setup.positions is not None:
             raise ValueError("neuron masks are per sender, not per position: drop --positions or --neurons")
+        if method_params:
+            raise ValueError(f"neuron scores use {method}'s default gradient; "
+                             f"{', '.join(sorted(method_params))} do(es) not apply at neuron grain")
         from circuits.methods.scoring import neuron_attribution
         params = {"steps": steps or 5} if "steps" in methods.get(method).defaults else {}
         found = neuron_attribution(setup, method, progress=progress, **params)
@@ -173,7 +179,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             n_cand = int((start_mask & g.allowed).sum())
             params.update({"candidates": n_cand, "candidate_method": "eap-ig-activations"})
         result = acdc(setup, tau, metric=acdc_metric, start_mask=start_mask, checkpoint=checkpoint,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, checkpoint_every=checkpoint_every,
+                      settings={"method": method, "seed": seed})
         mask, scores = result.mask, result.scores
         if selection.prune:
             mask = select.prune(g, mask)
@@ -183,6 +190,9 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         kwargs = dict(spec.defaults)
         if steps is not None and "steps" in kwargs:
             kwargs["steps"] = steps
+        if "seed" in kwargs:
+            kwargs["seed"] = seed
+        kwargs.update(check_params(method, dict(method_params or {})))
         params = dict(kwargs)
         scores = spec.score(setup, progress=progress, **kwargs)
         mask, selected = _apply(setup, scores, selection)
@@ -197,6 +207,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "parameters": params, "seed": seed, "package_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
+    if "direction" in params:
+        prov["direction"] = params["direction"]
     prov.update(provenance or {})
     names = None if setup.positions is None else setup.positions.names
     return Discovery(Circuit(g, mask, scores.float(), prov, names, kept_neurons, neuron_scores),

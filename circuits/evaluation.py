@@ -158,15 +158,9 @@ class Setup:
                 "faithfulness": normalized_faithfulness(m_c, m_empty, m_full)}
 
 
-def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
-            batch_size: int | None = None, reference: Task | None = None,
-            positions: Positions | None = None) -> Setup:
-    """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
-
-    Mean ablations average over `reference` (default: the task's corrupted prompts).
-    positions: the task's token positions (`circuits.positions.of_task`) for position-aware masks.
-    """
-    w, g = model.weights, model.graph
+def _checked(model: Model, task: Task) -> Task:
+    """Refuse a task the model cannot run; pad for non-causal models (which read padding)."""
+    w = model.weights
     if int(task.clean.max()) >= w.arch.d_vocab:
         raise ValueError(f"task {task.name} has token ids beyond the model's vocabulary ({w.arch.d_vocab})")
     if task.clean.shape[1] > w.arch.n_ctx:
@@ -179,17 +173,40 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
         pad = w.arch.pad_token_id       # the token the model masks out of attention
         task = dataclasses.replace(task, clean=task.clean.masked_fill(~task.valid, pad),
                                    corrupted=task.corrupted.masked_fill(~task.valid, pad))
-    shared = None
-    if ablation in (Ablation.MEAN, Ablation.MEAN_POS, Ablation.ZERO):
-        ref = reference or task
-        shared = patching.ablated_outputs(w, g, ablation, corrupted=task.corrupted,
-                                          reference=ref.corrupted if reference is None else ref.clean,
-                                          reference_valid=ref.valid)
-    B = len(task)
-    size = batch_size or B
+    return task
+
+
+def _shared_ablation(model: Model, task: Task, ablation: Ablation, reference: Task | None,
+                     batch_size: int | None) -> torch.Tensor | None:
+    """The sender outputs every chunk shares (mean and zero ablations); None for resample."""
+    if ablation not in (Ablation.MEAN, Ablation.MEAN_POS, Ablation.ZERO):
+        return None
+    ref = reference or task
+    return patching.ablated_outputs(model.weights, model.graph, ablation, corrupted=task.corrupted,
+                                    reference=ref.corrupted if reference is None else ref.clean,
+                                    reference_valid=ref.valid, batch_size=batch_size)
+
+
+def _rows(n: int, size: int | None):
+    size = size or n
+    return [slice(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
+            batch_size: int | None = None, reference: Task | None = None,
+            positions: Positions | None = None) -> Setup:
+    """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
+
+    Mean ablations average over `reference` (default: the task's corrupted prompts). The caches
+    are kept for every chunk (many forwards reuse them): memory grows with the rows; for a few
+    forwards over many rows, `evaluate_streaming` keeps nothing between chunks.
+    positions: the task's token positions (`circuits.positions.of_task`) for position-aware masks.
+    """
+    w, g = model.weights, model.graph
+    task = _checked(model, task)
+    shared = _shared_ablation(model, task, ablation, reference, batch_size)
     chunks = []
-    for start in range(0, B, size):
-        rows = slice(start, min(B, start + size))
+    for rows in _rows(len(task), batch_size):
         sub = task.subset(range(rows.start, rows.stop))
         if shared is not None:
             ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
@@ -202,3 +219,56 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
     setup = Setup(model, task, ablation, tuple(chunks), positions)
     check_metric(setup.clean_metric(), task, "clean")
     return setup
+
+
+STREAMING_BATCH = 64
+
+
+def evaluate_streaming(model: Model, task: Task, ablation: Ablation, masks: dict[str, torch.Tensor], *,
+                       batch_size: int | None = None, progress: bool = False,
+                       positions: Positions | None = None,
+                       neurons: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean metric of the clean run, the corrupted run and each circuit (`masks`: name → [S, R]
+    bool, or [P, S, R] at position grain with `positions`, the task's token positions), one
+    chunk of `batch_size` examples (default STREAMING_BATCH) at a time with nothing kept between
+    chunks, so peak memory follows the batch size, not the number of rows. neurons: name → [S, d]
+    bool neuron mask of that circuit (the other output dimensions ablated).
+
+    Per chunk: one clean forward, one corrupted forward (which also records the resample
+    ablation's sender outputs), one forward per circuit: no more work than `prepare` plus one
+    `Setup.metric` per circuit."""
+    from tqdm.auto import tqdm
+    w, g = model.weights, model.graph
+    task = _checked(model, task)
+    shared = _shared_ablation(model, task, ablation, None, batch_size or STREAMING_BATCH)
+    sums = {"clean": 0.0, "corrupted": 0.0, **{name: 0.0 for name in masks}}
+    clean_values = []
+    rows_all = _rows(len(task), batch_size or STREAMING_BATCH)
+    for rows in tqdm(rows_all, desc="evaluating", unit="batch", disable=not progress or len(rows_all) < 2):
+        sub = task.subset(range(rows.start, rows.stop))
+        with torch.no_grad():
+            clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions).logits
+            corrupted = patching.run(w, g, sub.corrupted.to(w.device), positions=sub.positions,
+                                     record=shared is None)
+            if shared is None:
+                ablated = corrupted.outputs
+            else:
+                ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
+            values = metric_values(task.metric, clean, sub, clean)
+            clean_values.append(values)
+            sums["clean"] += values.sum().item()
+            sums["corrupted"] += metric_values(task.metric, corrupted.logits, sub, clean).sum().item()
+            del corrupted
+            for name, mask in masks.items():
+                coef = (~mask.bool() & g.allowed).to(w.dtype)
+                groups = None
+                if coef.dim() == 3:
+                    if positions is None:
+                        raise ValueError(f"circuit {name} is position-aware ([P, S, R]): pass the task's positions")
+                    groups = positions.rows(rows, sub.clean.shape[1])
+                logits = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, coef=coef,
+                                      ablated=ablated, groups=groups,
+                                      neurons=None if neurons is None else neurons.get(name)).logits
+                sums[name] += metric_values(task.metric, logits, sub, clean).sum().item()
+    check_metric(torch.cat(clean_values), task, "clean")
+    return {k: v / len(task) for k, v in sums.items()}

@@ -75,13 +75,18 @@ class _Deltas:
     """Ablated-minus-current outputs of the senders so far, laid out for one matmul per layer."""
 
     def __init__(self, prefix: Prefix | None, n_own: int, V: int, B: int, P: int, d: int,
-                 like: torch.Tensor, groups: TokenGroups | None = None):
+                 like: torch.Tensor, groups: TokenGroups | None = None, differentiable: bool = False):
         self.n_shared = 0 if prefix is None else prefix.delta.shape[0]
         self.groups = groups
         self.cache = None if prefix is None else prefix.patches
+        # Differentiable (learned masks): writing into a preallocated buffer would modify tensors
+        # autograd saved, so the deltas are kept as a list and stacked where read.
+        self.differentiable = differentiable
+        self.parts: list[torch.Tensor] = []
+        buffer = n_own and not differentiable
         if groups is None:
             self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
-            self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
+            self.own = like.new_empty(V, n_own, B * P * d) if buffer else None
         else:                                     # tokens sorted by position: [.., B·P, d]
             self.shared = None
             if prefix is not None:
@@ -89,16 +94,29 @@ class _Deltas:
                 if self.shared is None:
                     self.shared = prefix.by_group["sorted"] = \
                         prefix.delta.reshape(self.n_shared, B * P, d)[:, groups.order]
-            self.own = like.new_empty(V, n_own, B * P, d) if n_own else None
+            self.own = like.new_empty(V, n_own, B * P, d) if buffer else None
         self.V, self.B, self.P, self.d = V, B, P, d
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         V, B, P, d = self.V, self.B, self.P, self.d
         if self.groups is None:
+            if self.differentiable:
+                self.parts.append((ablated - out.reshape(V, B, P, d)).reshape(V, B * P * d))
+                return
             torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+            return
+        diff = (ablated - out.reshape(V, B, P, d)).reshape(V, B * P, d)[:, self.groups.order]
+        if self.differentiable:
+            self.parts.append(diff)
         else:
-            diff = (ablated - out.reshape(V, B, P, d)).reshape(V, B * P, d)
-            self.own[:, s - self.n_shared] = diff[:, self.groups.order]
+            self.own[:, s - self.n_shared] = diff
+
+    def _own(self, lo: int, hi: int) -> torch.Tensor:
+        """[V, hi − lo, B·P·d] (with groups [V, hi − lo, B·P, d], tokens sorted) deltas of own
+        senders lo..hi (indices counted from n_shared)."""
+        if self.differentiable:
+            return torch.stack(self.parts[lo:hi], 1)
+        return self.own[:, lo:hi]
 
     def _by_group(self, coef: torch.Tensor, src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out[v, r, tokens of p] += Σ_s coef[v, p, s, r] · src[(v,) s, tokens of p], tokens sorted.
@@ -146,7 +164,7 @@ class _Deltas:
         lo = max(first, self.n_shared)
         if n_senders > lo:
             own = torch.bmm(coef[:, lo - first :].transpose(1, 2),
-                            self.own[:, lo - self.n_shared : n_senders - self.n_shared])
+                            self._own(lo - self.n_shared, n_senders - self.n_shared))
             out = own if out is None else out.add_(own)
         BP = self.B * self.P
         if V == 1:
@@ -159,14 +177,14 @@ class _Deltas:
         out = self._shared_patch(coef[:, :, :ns], first) if ns else coef.new_zeros(V, R, BP, d)
         lo = max(first, self.n_shared)
         if n_senders > lo:
-            self._by_group(coef[:, :, lo - first :], self.own[:, lo - self.n_shared : n_senders - self.n_shared], out)
+            self._by_group(coef[:, :, lo - first :], self._own(lo - self.n_shared, n_senders - self.n_shared), out)
         out = out[:, :, self.groups.inverse]                                     # token order again
         if V == 1:
             return out.view(R, BP, d)
         return out.transpose(0, 1).reshape(R, V * BP, d)
 
 
-def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
+def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False):
     """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
 
     Receivers whose coefficient columns are identical (typically: every edge ablated) share one
@@ -179,13 +197,16 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
     if len(cols) or mlp_col >= 0:
         idx = (c0 + cols).tolist() + ([mlp_col] if mlp_col >= 0 else [])
         key = coef[..., :s0, idx].movedim(-1, 0).reshape(len(idx), -1)          # one row per receiver
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if coef.requires_grad:            # unique has no gradient; learned masks rarely repeat
+            uniq, inverse = key, torch.arange(len(idx), device=key.device)
+        else:
+            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
         patches = deltas.patch(uniq.view(-1, *coef.shape[:-2], s0).movedim(0, -1), s0)   # [n_u, N·P, d]
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
         if len(cols):
-            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1)
+            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1, freeze_norm)
     group_of = dict(zip(cols.tolist(), [] if inverse is None else inverse.tolist()))
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
@@ -197,13 +218,13 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
             (plain if u is None else by_input.setdefault(u, [])).append(h)
         if not by_input:
             if shared_norm is None:
-                shared_norm = C.norm(arch, resid, lw.ln1)
+                shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             out.append(C.project(shared_norm, W, b))
             continue
         t = resid.new_empty(N, P, n, W.shape[2])
         if plain:
             if shared_norm is None:
-                shared_norm = C.norm(arch, resid, lw.ln1)
+                shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             t[:, :, plain] = C.project(shared_norm, W[plain], b[plain])
         for u, heads in by_input.items():
             t[:, :, heads] = C.project(inputs[u].view(N, P, d), W[heads], b[heads])
@@ -229,7 +250,8 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         embeds: torch.Tensor | None = None,
         stream: torch.Tensor | None = None,
         groups: TokenGroups | None = None,
-        neurons: torch.Tensor | None = None) -> Run:
+        neurons: torch.Tensor | None = None,
+        grad_mods: C.GradientMods | None = None) -> Run:
     """One forward pass of the engine.
 
     tokens: [B, P]. positions: [B] the position whose logits are wanted (None: all positions).
@@ -243,7 +265,10 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     groups: the position of every token; coef is then [G, S, R] or [V, G, S, R], position-aware.
     neurons: [S, d] the output dimensions of each sender kept clean (1) or ablated (0) for every
     receiver (needs `ablated`).
+    grad_mods: backward-only changes (GIM); the forward's values stay the same.
     """
+    mods = grad_mods if grad_mods is not None and grad_mods.active else None
+    freeze = mods is not None and mods.freeze_norm
     arch = graph.arch
     if coef is not None and coef.dim() == (2 if groups is None else 3):
         coef = coef.unsqueeze(0)
@@ -278,8 +303,8 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     n_prefix = 0 if prefix is None else prefix.delta.shape[0]    # senders cached in the prefix
     deltas = None
     if coef is not None:
-        deltas = _Deltas(prefix, graph.n_senders - n_prefix,
-                         V, B, P, d, resid, groups if coef is not None else None)
+        deltas = _Deltas(prefix, graph.n_senders - n_prefix, V, B, P, d, resid, groups,
+                         differentiable=coef.requires_grad and torch.is_grad_enabled())
     outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None
     resid_log: list[torch.Tensor] = []
 
@@ -324,13 +349,19 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         col = graph.mlp_col[layer]
         cols = torch.nonzero(active[c0:c1]).flatten()
         fuse_mlp = col >= 0 and bool(active[col])
-        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0)
+        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0,
+                                  freeze)
         H = arch.n_heads
         if taps:
             tap[("attn", layer)] = (resid, q, k, v)
+        temperature = 1.0
+        if mods is not None:
+            q, k, v = (C.scale_grad(q, mods.q_scale), C.scale_grad(k, mods.k_scale),
+                       C.scale_grad(v, mods.v_scale))
+            temperature = mods.softmax_temperature
         if cos is not None:
             q, k = C.rotate(arch, q, cos, sin), C.rotate(arch, k, cos, sin)
-        heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid))                 # [N, P, H, d]
+        heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid, temperature))     # [N, P, H, d]
         if stream is not None:
             heads = heads + (stream[s0 : s0 + H].permute(1, 2, 0, 3) - heads).detach()
         if off is not None:
@@ -349,7 +380,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
             x = mid + mlp_patch.view(mid.shape)
             if n_in > s0:                                    # the layer's own heads (sequential)
                 x = x + deltas.patch(coef[..., s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
-        h2 = C.norm(arch, x, lw.ln2)
+        h2 = C.norm(arch, x, lw.ln2, freeze)
         if taps:
             tap[("mlp", layer)] = (x, h2)
         out = C.mlp(arch, lw, h2)
@@ -369,7 +400,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         x = resid + deltas.patch(coef[..., col : col + 1], graph.n_senders).view(resid.shape)
     if positions is not None:
         x = x[torch.arange(x.shape[0], device=x.device), positions]
-    hf = C.norm(arch, x, w.ln_final)
+    hf = C.norm(arch, x, w.ln_final, freeze)
     if taps:
         tap[("logits",)] = (x, hf)
     logits = hf @ w.W_U
@@ -386,12 +417,13 @@ def prefix_at(layer: int, graph: Graph, clean: Run, ablated: torch.Tensor) -> Pr
 
 def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: torch.Tensor,
                     reference: torch.Tensor | None = None,
-                    reference_valid: torch.Tensor | None = None) -> torch.Tensor:
+                    reference_valid: torch.Tensor | None = None,
+                    batch_size: int | None = None) -> torch.Tensor:
     """Sender outputs under an ablation, [S, B|1, P|1, d].
 
     corrupted: [B, P] corrupted prompts (resample). reference: [B', P'] prompts whose mean is
     used by mean ablations (default: the corrupted prompts); reference_valid: [B', P'] bool
-    marking real (non-padding) tokens.
+    marking real (non-padding) tokens. Means are summed `batch_size` reference rows at a time.
     """
     B, P = corrupted.shape
     S, d = graph.n_senders, graph.arch.d_model
@@ -403,12 +435,19 @@ def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: 
                        record=True).outputs
         ref = corrupted if reference is None else reference
         valid = torch.ones(ref.shape, dtype=torch.bool) if reference_valid is None else reference_valid
-        outs = run(w, graph, ref.to(w.device), positions=torch.zeros(ref.shape[0], dtype=torch.long),
-                   record=True).outputs
-        weight = valid.to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, B', P', 1]
-        if ablation is Ablation.MEAN:
-            return ((outs * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1))[:, None, None]
-        if ref.shape[1] < P:
+        if ablation is Ablation.MEAN_POS and ref.shape[1] < P:
             raise ValueError(f"mean-pos ablation needs reference prompts at least {P} tokens long")
-        per_pos = (outs * weight).sum(1) / weight.sum(1).clamp(min=1)             # [S, P', d]
-        return per_pos[:, None, :P]
+        total = count = None
+        size = batch_size or ref.shape[0]
+        for start in range(0, ref.shape[0], size):
+            part = slice(start, start + size)
+            outs = run(w, graph, ref[part].to(w.device), positions=torch.zeros(len(ref[part]), dtype=torch.long),
+                       record=True).outputs
+            weight = valid[part].to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, b, P', 1]
+            dims = (1, 2) if ablation is Ablation.MEAN else (1,)
+            add, n = (outs * weight).sum(dims), weight.sum(dims)
+            total, count = (add, n) if total is None else (total + add, count + n)
+        mean = total / count.clamp(min=1)
+        if ablation is Ablation.MEAN:
+            return mean[:, None, None]
+        return mean[:, None, :P]                                                   # [S, 1, P, d]

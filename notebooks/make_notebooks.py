@@ -78,6 +78,7 @@ NOTEBOOKS = {
                "How well does each method's node ranking recover them?"),
         ("code", "import torch\ntorch.set_num_threads(2)\n"
                  "from circuits import evaluation, methods\n"
+                 "from circuits.graph import node_scores\n"
                  "from circuits.model import loader\n"
                  "from circuits.tasks.builtin import build_task\n"
                  "model = loader.load('induction-2l')\n"
@@ -85,7 +86,7 @@ NOTEBOOKS = {
                  "setup = evaluation.prepare(model, build_task('induction', model, n=48))\n"
                  "from circuits.verify.groundtruth import node_auroc\n"
                  "for name in ['eap', 'eap-ig-activations', 'exact']:\n"
-                 "    node = methods.node_scores(setup.graph, methods.get(name).score(setup))\n"
+                 "    node = node_scores(setup.graph, methods.get(name).score(setup))\n"
                  "    print(f'{name:20s} node AUROC {node_auroc(model.graph, node, truth):.2f}')"),
         ("md", "## Edge-level ground truth: tracr\n`tracr-reverse` is the RASP program `reverse` compiled by "
                "tracr; its ground-truth edges ship with it, for zero and for resample ablation (they differ: "

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "circuits"
 
 # Lower layers never import higher ones. A module belongs to the first prefix that matches it.
 LAYERS = [
-    ["circuits.errors", "circuits.model.adapters", "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
+    ["circuits.errors", "circuits.files", "circuits.tasks.splits", "circuits.model.adapters",
+     "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
      "circuits.tasks.builtin", "circuits.methods.registry"],
     ["circuits.graph", "circuits.positions", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
     ["circuits.patching"],
@@ -22,6 +23,7 @@ LAYERS = [
     ["circuits.methods", "circuits.select"],
     ["circuits.discover", "circuits.verify"],
     ["circuits.io"],
+    ["circuits.sweep"],
     ["circuits.cli"],
 ]
 

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from circuits.cli.common import refuse_overwriting_inputs
 
 EXPORT_FORMATS = ("json", "mib-json", "mib-pt", "graphml", "node-link", "dot")
+EXPORT_SUFFIXES = {"json": (".json",), "mib-json": (".json",), "mib-pt": (".pt", ".pth"),
+                   "graphml": (".graphml", ".xml"), "node-link": (".json",), "dot": (".dot", ".gv")}
+DRAWING_SUFFIXES = (".svg", ".png", ".pdf", ".dot")
+
+
+def _drawing_outputs(args) -> list:
+    """A drawing and the DOT file written next to it."""
+    if not args.output:
+        return []
+    dot = str(Path(args.output).with_suffix(".dot"))
+    return [(args.output, DRAWING_SUFFIXES, "-o")] + ([(dot, None, "DOT file")] if dot != args.output else [])
 
 
 def _fmt(x) -> str:
@@ -43,7 +55,16 @@ def cmd_verify(args) -> int:
 
     if args.out:
         refuse_overwriting_inputs([args.circuit, args.task], [args.out])
+    if args.test_fraction is not None:
+        from circuits.tasks.builtin import is_builtin
+        from circuits.tasks.splits import check_split
+        check_split(args.n if is_builtin(args.task) else None, args.test_fraction)
     model, task = _load_model_and_task(args)
+    held_out = None
+    if args.test_fraction is not None:
+        from circuits.tasks.task import split
+        _, task = split(task, args.test_fraction, args.split_seed)
+        held_out = {"seed": args.split_seed, "test_fraction": args.test_fraction, "test": len(task)}
     circ = circuit_io.load(args.circuit, model.graph)
     note_other_model(args, circ.provenance)
     args.ablation = ablation_for(args, circ.provenance)
@@ -64,10 +85,21 @@ def cmd_verify(args) -> int:
         report["positions"] = list(circ.positions)
     if circ.neurons is not None:          # the other checks below are at edge grain
         report["neurons"] = int(circ.neurons.sum())
+    skipped = report["skipped"] = {}
+    if held_out:
+        report["held_out"] = held_out
+    recorded = circ.provenance.get("split")
+    if recorded and (held_out is None or (recorded.get("seed"), recorded.get("test_fraction")) !=
+                     (held_out["seed"], held_out["test_fraction"])):
+        print(f"note: the circuit was found on the discovery part of a split (seed {recorded.get('seed')}, test "
+              f"fraction {recorded.get('test_fraction')}); --test-fraction {recorded.get('test_fraction')} "
+              f"--split-seed {recorded.get('seed')} verifies on its held-out part", file=__import__("sys").stderr)
     if circ.scores is not None:
-        points = checks.faithfulness_curve(setup, circ.scores)
-        cpr, cmd = checks.cpr_cmd(points)
-        report["curve"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
+        report["curve"] = checks.mib_scores(setup, circ.scores).as_dict()
+    else:
+        skipped["curve"] = "the circuit file has no edge scores to rank edges by"
+    if args.subsets == 0:
+        skipped["completeness"] = "--subsets 0"
     report["completeness"] = checks.completeness(setup, mask, n_subsets=args.subsets, seed=args.seed)
     report["minimality"] = checks.minimality(setup, mask)
     report["ablation_sensitivity"] = checks.ablation_sensitivity(setup, mask)
@@ -75,7 +107,11 @@ def cmd_verify(args) -> int:
         method = circ.provenance.get("method")
         params = circ.provenance.get("parameters", {})
         if method in (None, "acdc", "hybrid"):
-            report["stability"] = {"skipped": "stability needs a scoring method recorded in the circuit file"}
+            why = (f"the circuit was found by {method}, which decides edges by threshold, not by ranking "
+                   f"scores; stability re-runs a scoring method" if method else
+                   "the circuit file records no method to re-run")
+            skipped["stability"] = why
+            report["stability"] = {"skipped": why}
         else:
             n = int(mask.sum())
             from circuits import methods, select
@@ -86,7 +122,11 @@ def cmd_verify(args) -> int:
                 return select.prune(boot.graph, select.top_n(boot.graph, spec.score(boot, **kwargs), n))
             report["stability"] = checks.stability(setup, mask, rediscover, n_boot=args.stability, seed=args.seed)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        from circuits.cli.common import note_nulls
+        from circuits.files import json_safe, write_text
+        nulls: list[str] = []
+        write_text(args.out, json.dumps(json_safe(report, replaced=nulls), indent=1, default=str, allow_nan=False))
+        note_nulls(nulls, args.out)
     if args.json:
         _print_json(report)
     else:
@@ -94,10 +134,16 @@ def cmd_verify(args) -> int:
         print(f"{args.circuit}: {report['edges']} of {report['total_edges']} edges, {task.name}, "
               f"{task.metric.value}, {args.ablation} ablation")
         print(f"  faithfulness        {f['normalized']:.4f}  (raw {f['raw']:.4g}; empty {f['empty']:.4g}, model {f['model']:.4g})")
+        if held_out:
+            print(f"  held out            {plural(held_out['test'], 'test example')} (split seed {held_out['seed']}, "
+                  f"test fraction {held_out['test_fraction']:g})")
         if "curve" in report:
             c = report["curve"]
-            print("  curve               " + "  ".join(f"{p['percent']:g}%:{p['faithfulness']:.2f}" for p in c["points"]))
-            print(f"  CPR {c['CPR']:.4f}   CMD {c['CMD']:.4f}")
+            for key, label in (("by_signed_score", "by signed score"), ("by_abs_score", "by |score|     ")):
+                print(f"  curve {label} " + "  ".join(f"{p['percent']:g}%:{p['faithfulness']:.2f}"
+                                                     for p in c[key]["points"]))
+            print(f"  CPR {c['CPR']:.4f} (by signed score)   CMD {c['CMD']:.4f} (by |score|)   MIB's pairing; "
+                  f"by |score|: CPR {c['by_abs_score']['CPR']:.4f}, by signed: CMD {c['by_signed_score']['CMD']:.4f}")
         comp = report["completeness"]
         print(f"  completeness        worst gap {_fmt(comp['worst_gap'])}, median {_fmt(comp['median_gap'])}"
               + (f"  (worst: knock out {', '.join(comp['worst']['knocked_out'])})" if comp["worst"] else ""))
@@ -106,6 +152,14 @@ def cmd_verify(args) -> int:
         if "stability" in report and "mean_jaccard" in report["stability"]:
             print(f"  stability           mean Jaccard {report['stability']['mean_jaccard']:.3f} "
                   f"over {plural(report['stability']['bootstraps'], 'bootstrap')}")
+        for name, why in skipped.items():
+            print(f"  {name + ' skipped':<19} {why}")
+        if args.stability == 0:
+            print("  stability           not run (--stability N: rediscover on N bootstrap resamples)")
+    if args.min_faithfulness is not None and report["faithfulness"]["normalized"] != report["faithfulness"]["normalized"]:
+        print("circuits: faithfulness is undefined (NaN), so --min-faithfulness cannot be met",
+              file=__import__("sys").stderr)
+        return EXIT_BAR
     if args.min_faithfulness is not None and not report["faithfulness"]["normalized"] >= args.min_faithfulness:
         print(f"circuits: faithfulness {report['faithfulness']['normalized']:.4f} is below "
               f"--min-faithfulness {args.min_faithfulness}", file=__import__("sys").stderr)
@@ -133,15 +187,18 @@ def cmd_render(args) -> int:
 
 def cmd_export(args) -> int:
     from circuits import circuit as circuit_io
+    from circuits.cli.common import note_nulls
+    from circuits.files import write_text
     from circuits.io import formats, render
     refuse_overwriting_inputs([args.circuit], [args.output])
     circ = circuit_io.load(args.circuit)
     fmt = args.format
     writers = {"json": circuit_io.save, "mib-json": formats.save_mib_json, "mib-pt": formats.save_mib_pt,
                "graphml": formats.save_graphml, "node-link": formats.save_node_link,
-               "dot": lambda c, p: Path(p).write_text(
-                   render.to_dot(c) if c.positions is None else render.to_dot_positions(c))}
-    writers[fmt](circ, args.output)
+               "dot": lambda c, p: write_text(
+                   p, render.to_dot(c) if c.positions is None else render.to_dot_positions(c))}
+    nulls = writers[fmt](circ, args.output)
+    note_nulls(nulls or [], args.output)
     print(f"wrote {args.output} ({fmt})")
     return 0
 
@@ -155,7 +212,7 @@ def cmd_import(args) -> int:
     model = loader.load(args.model, seed=args.seed)
     readers = {"mib": formats.load_mib, "graphml": formats.load_graphml, "node-link": formats.load_node_link}
     circ = readers[args.format](args.file, model.graph)
-    circ = circuit_io.Circuit(circ.graph, circ.mask, circ.scores, {**circ.provenance, "model": args.model})
+    circ = dataclasses.replace(circ, provenance={**circ.provenance, "model": args.model})   # neurons kept
     circuit_io.save(circ, args.output)
     print(f"wrote {args.output}: {plural(circ.n_edges, 'edge')}")
     return 0
@@ -165,6 +222,7 @@ def cmd_compare(args) -> int:
     from circuits import circuit as circuit_io
     from circuits.cli.common import _print_json
     from circuits.io import compare, render
+    args.circuits = compare.circuit_paths(args.circuits)      # a sweep directory: its circuits
     if len(args.circuits) < 2:
         raise ValueError("compare needs at least two circuit files")
     if args.output:
@@ -204,7 +262,7 @@ def cmd_tasks(args) -> int:
 
 
 def add_tools(sub, add_common) -> None:
-    from circuits.cli.common import ABLATIONS, non_negative_int
+    from circuits.cli.common import ABLATIONS, finite_float, non_negative_int
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("verify", help="faithfulness, curve (CPR/CMD), completeness, minimality, ablations, stability",
                        epilog="example: circuits verify circuit.json induction-2l induction --min-faithfulness 0.8",
@@ -213,13 +271,16 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("model")
     p.add_argument("task")
     p.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit file's own ablation, else resample")
-    p.add_argument("--min-faithfulness", type=float, help="exit 1 when normalized faithfulness is below this")
+    p.add_argument("--min-faithfulness", type=finite_float, help="exit 1 when normalized faithfulness is below this")
     p.add_argument("--subsets", type=non_negative_int, default=16,
                    help="completeness: random knock-out subsets (default 16)")
     p.add_argument("--stability", type=non_negative_int, default=0, help="bootstrap rediscoveries (default 0: skip)")
+    p.add_argument("--test-fraction", type=float,
+                   help="verify on the held-out part of the task's seeded split (as discover/benchmark --test-fraction)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the discovery/test split (default 0)")
     p.add_argument("--out", help="write the JSON report here")
     add_common(p)
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, outputs=lambda a: [(a.out, (".json",), "--out")] if a.out else [])
 
     p = sub.add_parser("render", help="draw a circuit (SVG or PNG; PDF needs Graphviz's dot; the DOT file is always written)",
                        epilog="example: circuits render circuit.json -o circuit.svg\n\n"
@@ -229,14 +290,14 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("-o", "--output", default="circuit.svg",
                    help=".svg, .png, .pdf (Graphviz's dot only) or .dot; the DOT file is written next to it")
     p.add_argument("--title")
-    p.set_defaults(func=cmd_render)
+    p.set_defaults(func=cmd_render, outputs=_drawing_outputs)
 
     p = sub.add_parser("export", help="write a circuit in another format",
                        epilog="example: circuits export circuit.json --format mib-pt -o circuit.pt", formatter_class=fmt)
     p.add_argument("circuit")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, outputs=lambda a: [(a.output, EXPORT_SUFFIXES[a.format], f"--format {a.format} output")])
 
     p = sub.add_parser("import", help="read an MIB/EAP-IG, GraphML or node-link circuit into a circuits file",
                        epilog="example: circuits import mib_circuit.pt --format mib --model random:gpt2-small -o c.json",
@@ -246,14 +307,16 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("--model", required=True, help="the model the circuit belongs to")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_import)
+    p.set_defaults(func=cmd_import, outputs=lambda a: [(a.output, (".json",), "-o")])
 
     p = sub.add_parser("compare", help="compare circuits (methods, seeds, checkpoints, models)",
-                       epilog="example: circuits compare eap.json acdc.json -o diff.svg", formatter_class=fmt)
-    p.add_argument("circuits", nargs="+")
+                       epilog="example: circuits compare eap.json acdc.json -o diff.svg\n"
+                              "         circuits compare runs/      (every circuit of a sweep directory)",
+                       formatter_class=fmt)
+    p.add_argument("circuits", nargs="+", help="circuit files, or a directory of them (a sweep's output)")
     p.add_argument("-o", "--output", help="diff drawing of the first two (same model)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, outputs=_drawing_outputs)
 
     p = sub.add_parser("tasks", help="list built-in tasks", epilog="example: circuits tasks")
     p.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -10,6 +11,20 @@ from circuits.circuit import Circuit
 from circuits.io.render import to_dot
 
 SHARED, ONLY_A, ONLY_B = "#9ae6b4", "#90cdf4", "#fbb6ce"
+
+
+def circuit_paths(paths: list[str]) -> list[str]:
+    """Paths with each directory (a sweep's output) replaced by the circuit files in it, sorted."""
+    out = []
+    for p in paths:
+        if Path(p).is_dir():
+            found = sorted(str(f) for f in Path(p).glob("*.json"))
+            if not found:
+                raise ValueError(f"{p}: a directory with no circuit files (*.json)")
+            out += found
+        else:
+            out.append(p)
+    return out
 
 
 def same_shape(a: Circuit, b: Circuit) -> bool:

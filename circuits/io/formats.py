@@ -12,6 +12,7 @@ Neuron-level circuits carry `neurons_in_graph` and `neurons_scores` ([n_forward,
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import networkx as nx
 import torch
 
 from circuits.circuit import Circuit, CircuitFileError, edges_from_dict
+from circuits.files import atomic_open, json_safe, write_text
 from circuits.graph import Channel, Graph
 
 # What each reader expects, for error messages about a file in another format.
@@ -126,8 +128,11 @@ def from_mib(data: Any, graph: Graph, source: str = "MIB circuit") -> Circuit:
                    neurons=neurons, neuron_scores=neuron_scores)
 
 
-def save_mib_json(circuit: Circuit, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_mib(circuit)))
+def save_mib_json(circuit: Circuit, path: str | Path) -> list[str]:
+    """Atomic; non-finite scores are written as null (returned: the fields that were)."""
+    replaced: list[str] = []
+    write_text(path, json.dumps(json_safe(to_mib(circuit), replaced=replaced), allow_nan=False))
+    return replaced
 
 
 def save_mib_pt(circuit: Circuit, path: str | Path) -> None:
@@ -137,16 +142,15 @@ def save_mib_pt(circuit: Circuit, path: str | Path) -> None:
     _check_plain(circuit)
     scores = circuit.scores if circuit.scores is not None else torch.zeros(g.n_senders, g.n_receivers)
     nodes = g.node_mask(circuit.mask)[: g.n_senders]
-    data = {"cfg": mib_cfg(g), "src_nodes": list(g.senders),
-            "dst_nodes": [r.name for r in g.receivers],
+    data = {"cfg": mib_cfg(g), "src_nodes": list(g.senders), "dst_nodes": [r.name for r in g.receivers],
             "edges_scores": (scores.float() * g.allowed).contiguous(),
-            "edges_in_graph": (circuit.mask & g.allowed).contiguous(),
-            "nodes_in_graph": nodes.contiguous()}
+            "edges_in_graph": (circuit.mask & g.allowed).contiguous(), "nodes_in_graph": nodes.contiguous()}
     if circuit.neurons is not None:
         data["neurons_in_graph"] = circuit.neurons.bool().contiguous()
     if circuit.neuron_scores is not None:
         data["neurons_scores"] = circuit.neuron_scores.float().contiguous()
-    torch.save(data, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(data, f)
 
 
 def _existing(path: str | Path) -> Path:
@@ -270,9 +274,23 @@ def _check_shape(G: nx.Graph, graph: Graph, source: str) -> None:
 
 def _score(value: Any, name: str, source: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise CircuitFileError(f"{source}: edge {name!r} has score {value!r}, not a number") from None
+    if not math.isfinite(number):
+        raise CircuitFileError(f"{source}: edge {name!r} has score {value!r}, not a finite number")
+    return number
+
+
+_TRUTH = {True: True, False: False, "true": True, "false": False, "True": True, "False": False}
+
+
+def _in_graph(value: Any, name: str, source: str) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, (bool, str)) and value in _TRUTH:
+        return _TRUTH[value]
+    raise CircuitFileError(f"{source}: edge {name!r} has in_graph {value!r:.20}, not true or false")
 
 
 def from_networkx(G: nx.Graph, graph: Graph, source: str = "networkx graph") -> Circuit:
@@ -291,7 +309,7 @@ def from_networkx(G: nx.Graph, graph: Graph, source: str = "networkx graph") -> 
                 s, r = graph.edge(name)
             except KeyError as err:
                 raise CircuitFileError(f"{source}: {err.args[0]}") from None
-            mask[s, r] = value in (True, "true", "True", 1)
+            mask[s, r] = _in_graph(value, name, source)
             if f"score_{ch}" in attrs:
                 scores[s, r] = _score(attrs[f"score_{ch}"], name, source)
                 has_scores = True
@@ -311,7 +329,8 @@ def _provenance(G: nx.Graph, source: str) -> dict:
 
 
 def save_graphml(circuit: Circuit, path: str | Path) -> None:
-    nx.write_graphml(to_networkx(circuit), path)
+    with atomic_open(path, "wb") as f:
+        nx.write_graphml(to_networkx(circuit), f)
 
 
 def load_graphml(path: str | Path, graph: Graph) -> Circuit:
@@ -323,8 +342,11 @@ def load_graphml(path: str | Path, graph: Graph) -> Circuit:
     return from_networkx(G, graph, str(path))
 
 
-def save_node_link(circuit: Circuit, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(nx.node_link_data(to_networkx(circuit), edges="links")))
+def save_node_link(circuit: Circuit, path: str | Path) -> list[str]:
+    replaced: list[str] = []
+    data = json_safe(nx.node_link_data(to_networkx(circuit), edges="links"), replaced=replaced)
+    write_text(path, json.dumps(data, allow_nan=False))
+    return replaced
 
 
 def load_node_link(path: str | Path, graph: Graph) -> Circuit:

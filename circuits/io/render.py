@@ -17,6 +17,7 @@ import torch
 
 from circuits.circuit import Circuit
 from circuits.errors import CircuitsError
+from circuits.files import atomic_path, write_text
 from circuits.graph import Channel
 
 FORMATS = ("svg", "png", "pdf")
@@ -49,6 +50,8 @@ def to_dot(circuit: Circuit, title: str | None = None, node_colours: dict[str, s
     mask = circuit.mask & g.allowed
     rows, cols = torch.nonzero(mask, as_tuple=True)
     scores = circuit.scores
+    if scores is not None:      # a NaN/inf score would be drawn as penwidth=nan: draw it as unscored
+        scores = torch.nan_to_num(scores.float(), nan=0.0, posinf=0.0, neginf=0.0)
     mags = scores[rows, cols].abs() if scores is not None and len(rows) else torch.ones(len(rows))
     top = float(mags.max()) if len(mags) and float(mags.max()) > 0 else 1.0
     nodes = set()
@@ -140,7 +143,7 @@ def render(dot_text: str, out: str | Path) -> Path:
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
     dot_path = out.with_suffix(".dot")
-    dot_path.write_text(dot_text)
+    write_text(dot_path, dot_text)
     if fmt == "dot":
         return dot_path
     if fmt not in FORMATS:
@@ -151,9 +154,12 @@ def render(dot_text: str, out: str | Path) -> Path:
                           f"`pip install graphviz-pure` (pure, no system packages; SVG and PNG) or "
                           f"Graphviz (`apt-get install graphviz`; also PDF)")
     _check_format(cmd, fmt, dot_path, out)
-    done = subprocess.run(cmd + [f"-T{fmt}", str(dot_path), "-o", str(out)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RenderError(f"{Path(cmd[0]).name} failed on {dot_path}: {done.stderr.strip()[:500]}")
+    with atomic_path(out) as tmp:       # the renderer writes a temporary file; it replaces `out` once whole
+        done = subprocess.run(cmd + [f"-T{fmt}", str(dot_path), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RenderError(f"{Path(cmd[0]).name} failed on {dot_path}: {done.stderr.strip()[:500]}")
+        if not tmp.stat().st_size:
+            raise RenderError(f"{Path(cmd[0]).name} wrote nothing for {out}; the DOT file is at {dot_path}")
     return out
 
 

@@ -54,11 +54,13 @@ class _ByPosition:
 def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: torch.Tensor,
                           scores: torch.Tensor, objective: torch.Tensor,
                           by_position: _ByPosition | None = None,
-                          neurons: torch.Tensor | None = None) -> None:
+                          neurons: torch.Tensor | None = None, freeze_norm: bool = False) -> None:
     """Add Σ_{b,p} delta_s · ∂objective/∂input_r into scores [S, R] (float32) for every edge.
 
     delta: [S, B, P, d] ablated minus clean sender outputs. by_position: sum per position into
     scores [P, S, R] instead. neurons: also add Σ_{b,p} delta_s ⊙ ∂objective/∂output_s into it, [S, d].
+    freeze_norm: each receiver's own norm with its scale statistic held constant (GIM), as the
+    forward's norms were.
     """
     g, w, arch = setup.graph, setup.model.weights, setup.graph.arch
     keys = list(run.taps)
@@ -85,7 +87,7 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
             per_recv = torch.cat([torch.einsum("bphe,hde->bphd", dq, lw.W_Q),
                                   torch.einsum("bphe,hde->bphd", dk, lw.W_K),
                                   torch.einsum("bphe,hde->bphd", dv, lw.W_V)], dim=2)
-            G = C.norm_vjp(arch, resid.detach(), lw.ln1[0], per_recv)         # [B, P, R_L, d]
+            G = C.norm_vjp(arch, resid.detach(), lw.ln1[0], per_recv, freeze_norm)   # [B, P, R_L, d]
             c0, c1 = g.attn_cols[layer]
             s0 = g.sender_start[layer]
             collect(s0, G.sum(2))
@@ -96,7 +98,7 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
         elif key[0] == "mlp":
             layer = key[1]
             x = run.taps[key][0]
-            G = C.norm_vjp(arch, x.detach(), w.layers[layer].ln2[0], next(it).unsqueeze(2))[:, :, 0]
+            G = C.norm_vjp(arch, x.detach(), w.layers[layer].ln2[0], next(it).unsqueeze(2), freeze_norm)[:, :, 0]
             col = g.mlp_col[layer]
             n_in = int(g.n_inputs[col])
             collect(n_in, G)
@@ -106,7 +108,8 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
             scores[:n_in, col] += flat[:n_in] @ G.reshape(-1)
         else:
             x = run.taps[key][0]                                                 # [B, d] at positions
-            G = C.norm_vjp(arch, x.detach()[:, None], w.ln_final[0], next(it)[:, None, None])[:, 0, 0]
+            G = C.norm_vjp(arch, x.detach()[:, None], w.ln_final[0], next(it)[:, None, None],
+                           freeze_norm)[:, 0, 0]
             B = x.shape[0]
             rows, pos = torch.arange(B), chunk.task.positions.to(delta.device)
             at_pos = delta[:, rows, pos].float()                                # [S, B, d]
@@ -133,21 +136,24 @@ def _ablated_minus_clean(chunk: Chunk, clean_outputs: torch.Tensor) -> torch.Ten
     return (chunk.ablated - clean_outputs).expand_as(clean_outputs)
 
 
-def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool = False) -> torch.Tensor:
+def gradient_scores(setup: Setup, alphas: list[float], mode: str, progress: bool = False,
+                    mods: C.GradientMods | None = None) -> torch.Tensor:
     """Σ_edges estimate m(edge ablated) − m(clean), averaging gradients over `alphas`.
 
     mode "inputs": gradients at input embeddings interpolated corrupted→clean (alpha=1: clean);
-    mode "activations": every sender writes ablated + alpha·(clean − ablated) to the stream.
-    Returns [S, R] float32 (the raw linear estimate, summed over examples / total examples);
-    [P, S, R] for a setup prepared with positions.
+    mode "activations": every sender writes ablated + alpha·(clean − ablated) to the stream
+    (alpha=0: the run with every sender ablated, where denoising takes its gradient).
+    mods: backward-only gradient corrections (GIM). Returns [S, R] float32 (the raw linear
+    estimate, summed over examples / total examples); [P, S, R] for a setup prepared with positions.
     """
-    return attribute(setup, alphas, mode, progress).edges
+    return attribute(setup, alphas, mode, progress, mods=mods).edges
 
 
 def attribute(setup: Setup, alphas: list[float], mode: str, progress: bool = False, *,
-              neurons: bool = False) -> Attribution:
+              neurons: bool = False, mods: C.GradientMods | None = None) -> Attribution:
     """`gradient_scores`, and with `neurons` the neuron scores [S, d] of the same backward:
     Σ_{b,p} (ablated_s − clean_s) ⊙ ∂m/∂output_s, the linear estimate of ablating each dimension."""
+    freeze = mods is not None and mods.freeze_norm
     g, w = setup.graph, setup.model.weights
     shape = (g.n_senders, g.n_receivers) if setup.positions is None else \
         (setup.positions.n, g.n_senders, g.n_receivers)
@@ -175,10 +181,11 @@ def attribute(setup: Setup, alphas: list[float], mode: str, progress: bool = Fal
             embeds = embeds.detach().requires_grad_(True)
             with torch.enable_grad():
                 run = patching.run(w, g, tokens, positions=chunk.task.positions, taps=True,
-                                   embeds=embeds, stream=stream)
+                                   embeds=embeds, stream=stream, grad_mods=mods)
                 values = metric_values(setup.task.metric, run.logits, chunk.task, chunk.clean_logits)
                 objective = values.sum() / (n_total * len(alphas))
-                _receiver_grad_scores(setup, chunk, run, delta, scores, objective, by_position, neuron_scores)
+                _receiver_grad_scores(setup, chunk, run, delta, scores, objective, by_position, neuron_scores,
+                                      freeze)
             bar.update(1)
     bar.close()
     return Attribution(scores, neuron_scores)

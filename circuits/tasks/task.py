@@ -165,3 +165,22 @@ def check_metric(values: torch.Tensor, task: Task, what: str) -> None:
     if bad:
         raise TaskError(f"{task.name}: the {task.metric.value} metric is not finite on the {what} run "
                         f"for row(s) {', '.join(str(b + 1) for b in bad[:10])}")
+
+
+def split(task: Task, test_fraction: float, seed: int = 0) -> tuple[Task, Task]:
+    """(discovery, test): a seeded random partition of the examples; round(n · test_fraction)
+    go to the test set. Methods see only the discovery set; circuits are judged on the test set."""
+    n = len(task)
+    if task.meta.get("examples", n) != n:
+        raise TaskError(f"task {task.name} has several answer-token rows per example; a held-out split "
+                        f"of multi-token answers is not supported")
+    from circuits.tasks.splits import split_sizes
+    n_test = split_sizes(n, test_fraction)[1]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    test_rows, discovery_rows = order[:n_test].sort().values, order[n_test:].sort().values
+    discovery, test = task.subset(discovery_rows), task.subset(test_rows)
+    for part, rows in (("discovery", discovery_rows), ("test", test_rows)):
+        (discovery if part == "discovery" else test).meta.update(
+            {"split": part, "split_seed": seed, "test_fraction": test_fraction, "examples": len(rows)})
+    return discovery, test
+

@@ -44,12 +44,16 @@ def baselines(setup: Setup) -> tuple[float, float]:
     return setup.metric(setup.graph.empty_mask()).mean().item(), setup.clean_metric().mean().item()
 
 
+RANKINGS = ("signed", "abs")
+
+
 def faithfulness_curve(setup: Setup, scores: torch.Tensor, percents=MIB_PERCENTS,
-                       absolute: bool = True) -> list[CurvePoint]:
-    """Faithfulness of the top-k% edges by score, for each k, as the MIB circuit track builds them:
-    int(k · n_edges) edges by (|)score(|), then pruned; f not clipped."""
+                       absolute: bool = True, base: tuple[float, float] | None = None) -> list[CurvePoint]:
+    """Faithfulness of the top-k% edges, for each k, as the MIB circuit track builds them:
+    int(k · n_edges) edges by |score| (absolute) or by signed score, then pruned; f not clipped.
+    base: (m(∅), m(M)) when already measured."""
     g = setup.graph
-    empty, full = baselines(setup)
+    empty, full = base or baselines(setup)
     points = []
     for pct in percents:
         n = int(pct / 100 * setup.n_edges)
@@ -64,11 +68,46 @@ def area_under(xs: list[float], ys: list[float]) -> float:
 
 
 def cpr_cmd(points: list[CurvePoint]) -> tuple[float, float]:
-    """MIB's integrated metrics: CPR = ∫ f and CMD = ∫ |1 − f| by the trapezoidal rule between
-    neighbouring sizes, x = fraction of edges (0.001 … 1, linear, not divided by the x-range)."""
+    """MIB's integrated metrics of one curve: CPR = ∫ f and CMD = ∫ |1 − f| by the trapezoidal
+    rule between neighbouring sizes, x = fraction of edges (0.001 … 1, linear, not divided by
+    the x-range)."""
     xs = [p.percent / 100 for p in points]
     fs = [p.faithfulness for p in points]
     return area_under(xs, fs), area_under(xs, [abs(1 - f) for f in fs])
+
+
+@dataclass(frozen=True)
+class MIBScores:
+    """The circuit-track figures of one set of edge scores.
+
+    CPR is read off the curve of circuits chosen by signed score (edges that push toward the
+    clean answer; leaving out the ones that push against it lets f exceed 1), CMD off the curve
+    chosen by |score|: MIB's pairing. Each curve's other area is kept too, labelled."""
+
+    signed: list[CurvePoint]
+    absolute: list[CurvePoint]
+
+    @property
+    def cpr(self) -> float:
+        return cpr_cmd(self.signed)[0]
+
+    @property
+    def cmd(self) -> float:
+        return cpr_cmd(self.absolute)[1]
+
+    def as_dict(self) -> dict:
+        out = {"CPR": self.cpr, "CMD": self.cmd, "pairing": "CPR by signed score, CMD by |score| (MIB)"}
+        for label, points in (("signed", self.signed), ("abs", self.absolute)):
+            cpr, cmd = cpr_cmd(points)
+            out[f"by_{label}_score"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
+        return out
+
+
+def mib_scores(setup: Setup, scores: torch.Tensor, percents=MIB_PERCENTS) -> MIBScores:
+    """Both MIB curves of `scores` on the setup's examples (the test set, held out)."""
+    base = baselines(setup)
+    return MIBScores(faithfulness_curve(setup, scores, percents, absolute=False, base=base),
+                     faithfulness_curve(setup, scores, percents, absolute=True, base=base))
 
 
 def _components(graph: Graph, mask: torch.Tensor) -> list[int]:
