@@ -145,5 +145,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "parameters": params, "seed": seed, "package_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
+    if "source" in setup.model.meta:       # e.g. a GGUF file: its sha256 and quantization
+        prov["model_source"] = setup.model.meta["source"]
     prov.update(provenance or {})
     return Discovery(Circuit(g, mask, scores.float(), prov), faith, seconds, details)

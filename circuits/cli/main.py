@@ -23,8 +23,10 @@ from circuits.cli.common import (
 
 
 def cmd_models(args) -> int:
-    from circuits.model import loader
+    from circuits.model import gguf, loader
     rows = [(name, meta.get("description", "")) for name, meta in loader.builtin_models().items()]
+    rows += [(name, f"{p.description}{'' if gguf.installed(name) else f' (needs: {p.install})'}")
+             for name, p in gguf.PACKAGED.items()]
     rows += [(f"random:{k}", v[0]) for k, v in loader.RANDOM_ARCHS.items()]
     if args.json:
         _print_json([{"spec": a, "description": b} for a, b in rows])
@@ -32,7 +34,8 @@ def cmd_models(args) -> int:
         width = max(len(a) for a, _ in rows)
         for a, b in rows:
             print(f"{a:<{width}}  {b}")
-        print("\nAlso: a local checkpoint directory, or a hub id such as gpt2 (needs the network).")
+        print("\nAlso: a local checkpoint directory, a GGUF file (PATH.gguf), or a hub id such as gpt2 "
+              "(needs the network).")
     return EXIT_OK
 
 

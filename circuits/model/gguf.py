@@ -102,6 +102,16 @@ def packaged_path(name: str) -> Path:
                     f"{pkg.install} --force-reinstall")
 
 
+def installed(name: str) -> bool:
+    """Whether the distribution that ships packaged GGUF `name` is installed."""
+    from importlib import metadata
+    try:
+        metadata.distribution(PACKAGED[name].distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _gguf_module():
     try:
         import gguf
