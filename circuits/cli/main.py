@@ -125,9 +125,11 @@ def parser() -> OneLineParser:
     p.set_defaults(func=cmd_evaluate)
 
     from circuits.cli.discover import add_discover
+    from circuits.cli.heads import add_heads
     from circuits.cli.tools import add_tools
     add_discover(sub, _add_common)
     add_tools(sub, _add_common)
+    add_heads(sub, _add_common)
     return ap
 
 
