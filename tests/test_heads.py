@@ -58,3 +58,21 @@ def test_heads_cli(capsys):
     assert main(["heads", "ioi-3l", "ioi", "--n", "16", "--top", "3", "--ablate", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "suppressor" in out and "a2.h2" in out and "ablated:" in out and len(out.splitlines()) <= 12
+
+
+def test_compare_aligns_circuits_by_head_role():
+    from circuits.circuit import Circuit
+    from circuits.io import compare
+    a_model, b_model = load_model("ioi-3l"), load_model("induction-2l")
+    a = Circuit(a_model.graph, a_model.graph.mask_from_edges(["a1.h0->logits", "a2.h2->logits", "input->a1.h0<v>",
+                                                               "input->a2.h2<v>"]), None, {})
+    b = Circuit(b_model.graph, b_model.graph.mask_from_edges(["a0.h1->a1.h3<k>", "a1.h3->logits"]), None, {})
+    labels_a = {"a1.h0": "mover", "a2.h2": "suppressor"}
+    labels_b = roles.label_heads(b_model)
+    report = compare.compare(a, b, "ioi", "ind", labels_a, labels_b)
+    r = report.figures["roles"]
+    assert r["mover"]["a"] == {"heads": ["a1.h0"], "count": 1, "mean_depth": 0.5} and r["mover"]["b"] is None
+    assert r["induction"]["b"]["heads"] == ["a1.h3"] and r["induction"]["b"]["mean_depth"] == 0.75
+    assert r["previous-token"]["b"]["heads"] == ["a0.h1"]
+    text = compare.format_report(report)
+    assert "head roles" in text and "suppressor" in text
