@@ -120,14 +120,18 @@ def _gguf_module():
     return gguf
 
 
-def inspect(path: Path) -> Info:
-    """Read and check a GGUF header: a GGUF file, complete, of an architecture the engine mirrors."""
+def _check_magic(path: Path) -> None:
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+def inspect(path: Path) -> Info:
+    """Read and check a GGUF header: a GGUF file, complete, of an architecture the engine mirrors."""
+    _check_magic(path)
     gguf = _gguf_module()
     try:
         reader = gguf.GGUFReader(path)
@@ -222,16 +226,24 @@ def checkpoint(spec: str, quiet: bool = False) -> tuple[Path, dict]:
     else:
         path = Path(spec).expanduser()
         description = None
-    info = inspect(path)                                    # every input check before heavy work
+    _check_magic(path)
     digest = sha256(path)
+    entry = cache_root() / digest
+
+    def meta_for(source: dict) -> dict:
+        source = {**source, "file": str(path.resolve())}
+        return {"description": description or f"{path.name} ({source['architecture']}, "
+                                               f"{source['quantization']}, dequantized)", "source": source}
+
+    if _manifest_ok(entry, digest):
+        # the very bytes converted before (same sha256), so they passed `inspect` then;
+        # parsing the header again costs seconds (tens of thousands of tokenizer strings)
+        return entry, meta_for(json.loads((entry / MANIFEST).read_text())["source"])
+    info = inspect(path)                                    # every input check before heavy work
     source = {"file": str(path.resolve()), "sha256": digest, "format": "gguf",
               "architecture": info.architecture, "quantization": info.quantization,
               "tensor_types": info.tensor_types, "gguf_name": info.name}
-    meta = {"description": description or f"{path.name} ({info.architecture}, {info.quantization}, dequantized)",
-            "source": source}
-    entry = cache_root() / digest
-    if _manifest_ok(entry, digest):
-        return entry, meta
+    meta = meta_for(source)
     if not quiet:
         print(f"converting {path.name} ({info.quantization}) to float32 once; cached in {entry}",
               file=sys.stderr)
