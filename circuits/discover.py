@@ -155,5 +155,7 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
     if "direction" in params:
         prov["direction"] = params["direction"]
+    if "source" in setup.model.meta:       # e.g. a GGUF file: its sha256 and quantization
+        prov["model_source"] = setup.model.meta["source"]
     prov.update(provenance or {})
     return Discovery(Circuit(g, mask, scores.float(), prov), faith, seconds, details)
