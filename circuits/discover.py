@@ -209,6 +209,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
     if "direction" in params:
         prov["direction"] = params["direction"]
+    if "source" in setup.model.meta:       # e.g. a GGUF file: its sha256 and quantization
+        prov["model_source"] = setup.model.meta["source"]
     prov.update(provenance or {})
     names = None if setup.positions is None else setup.positions.names
     return Discovery(Circuit(g, mask, scores.float(), prov, names, kept_neurons, neuron_scores),

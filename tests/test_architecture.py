@@ -21,7 +21,7 @@ LAYERS = [
     ["circuits.model"],                                   # loading wraps, builds the graph, checks by patching
     ["circuits.evaluation", "circuits.circuit"],
     ["circuits.methods", "circuits.select"],
-    ["circuits.discover", "circuits.verify"],
+    ["circuits.discover", "circuits.verify"],                # verify.roles: head roles
     ["circuits.io"],
     ["circuits.sweep"],
     ["circuits.cli"],

@@ -25,8 +25,10 @@ from circuits.cli.common import (
 
 
 def cmd_models(args) -> int:
-    from circuits.model import loader
+    from circuits.model import gguf, loader
     rows = [(name, meta.get("description", "")) for name, meta in loader.builtin_models().items()]
+    rows += [(name, f"{p.description}{'' if gguf.installed(name) else f' (needs: {p.install})'}")
+             for name, p in gguf.PACKAGED.items()]
     rows += [(f"random:{k}", v[0]) for k, v in loader.RANDOM_ARCHS.items()]
     if args.json:
         _print_json([{"spec": a, "description": b} for a, b in rows])
@@ -34,7 +36,8 @@ def cmd_models(args) -> int:
         width = max(len(a) for a, _ in rows)
         for a, b in rows:
             print(f"{a:<{width}}  {b}")
-        print("\nAlso: a local checkpoint directory, or hf:<hub id> such as hf:gpt2 (downloads; needs the network).")
+        print("\nAlso: a local checkpoint directory, a GGUF file (PATH.gguf), or hf:<hub id> such as hf:gpt2 "
+              "(downloads; needs the network).")
     return EXIT_OK
 
 
@@ -141,6 +144,7 @@ def parser() -> OneLineParser:
 
     from circuits.cli.benchmark import add_benchmark
     from circuits.cli.discover import add_discover
+    from circuits.cli.heads import add_heads
     from circuits.cli.sweep import add_sweep
     from circuits.cli.tools import add_tools
     from circuits.cli.view import add_view
@@ -149,6 +153,7 @@ def parser() -> OneLineParser:
     add_tools(sub, _add_common)
     add_sweep(sub, _add_common)
     add_view(sub, _add_common)
+    add_heads(sub, _add_common)
     return ap
 
 

@@ -218,6 +218,29 @@ def cmd_import(args) -> int:
     return 0
 
 
+_LABELS: dict = {}
+
+
+def _head_labels(circ, args) -> dict:
+    """Head-role labels for a circuit: from its file (provenance "head_roles") or measured on the
+    model it names, with its task when that is a built-in one (else the task-free diagnostics)."""
+    if "head_roles" in circ.provenance:
+        return circ.provenance["head_roles"]
+    from circuits.model import loader
+    from circuits.tasks.builtin import build_task, is_builtin
+    from circuits.verify import roles
+    spec = circ.provenance.get("model")
+    if not spec:
+        raise ValueError("compare --roles needs the model each circuit was found on (provenance 'model')")
+    task_name = (circ.provenance.get("task") or {}).get("name")
+    key = (spec, task_name)
+    if key not in _LABELS:
+        model = loader.load(spec)
+        task = build_task(task_name, model, n=args.n) if task_name and is_builtin(task_name) and task_name != "tracr" else None
+        _LABELS[key] = roles.label_heads(model, task)
+    return _LABELS[key]
+
+
 def cmd_compare(args) -> int:
     from circuits import circuit as circuit_io
     from circuits.cli.common import _print_json
@@ -228,7 +251,8 @@ def cmd_compare(args) -> int:
     if args.output:
         refuse_overwriting_inputs(args.circuits, _render_outputs(args.output))
     circuits = [circuit_io.load(p) for p in args.circuits]
-    reports = [compare.compare(circuits[i], circuits[j], args.circuits[i], args.circuits[j])
+    labels = [_head_labels(c, args) for c in circuits] if args.roles else [None] * len(circuits)
+    reports = [compare.compare(circuits[i], circuits[j], args.circuits[i], args.circuits[j], labels[i], labels[j])
                for i in range(len(circuits)) for j in range(i + 1, len(circuits))]
     if args.json:
         _print_json([r.as_dict() for r in reports])
@@ -315,6 +339,9 @@ def add_tools(sub, add_common) -> None:
                        formatter_class=fmt)
     p.add_argument("circuits", nargs="+", help="circuit files, or a directory of them (a sweep's output)")
     p.add_argument("-o", "--output", help="diff drawing of the first two (same model)")
+    p.add_argument("--roles", action="store_true",
+                   help="also align by head role (loads each circuit's model; measured as `circuits heads`)")
+    p.add_argument("--n", type=int, default=32, help="--roles: examples of the circuit's built-in task (default 32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare, outputs=_drawing_outputs)
 

@@ -120,16 +120,56 @@ def compare_across_models(a: Circuit, b: Circuit, name_a: str = "A", name_b: str
         "edge_fraction": [a.n_edges / a.graph.n_edges, b.n_edges / b.graph.n_edges]})
 
 
-def compare(a: Circuit, b: Circuit, name_a: str = "A", name_b: str = "B") -> PairReport:
-    if same_shape(a, b):
-        positions = shared_positions(a, b)
-        if positions is not None and "note" in positions:
-            a, b = plain_view(a), plain_view(b)         # one grain for both: edges at any position
-        report = compare_same_model(a, b, name_a, name_b)
-        if positions is not None:
-            report.figures["positions"] = positions
-        return report
-    return compare_across_models(a, b, name_a, name_b)
+def role_profile(c: Circuit, labels: dict[str, str | None]) -> dict[str, dict]:
+    """Per head role (`circuits.verify.roles` labels; "unlabelled" for none): the circuit's heads
+    with it and their mean relative depth ((layer + 0.5) / n_layers)."""
+    n_layers = c.graph.arch.n_layers
+    groups: dict[str, list[str]] = {}
+    for head in sorted(n for n in _components(c) if not n.startswith("m")):
+        groups.setdefault(labels.get(head) or "unlabelled", []).append(head)
+    return {role: {"heads": heads, "count": len(heads),
+                   "mean_depth": round(sum((_layer(h) + 0.5) / n_layers for h in heads) / len(heads), 3)}
+            for role, heads in groups.items()}
+
+
+def role_alignment(a: Circuit, b: Circuit, labels_a: dict, labels_b: dict) -> dict[str, dict]:
+    """Which roles each circuit's heads carry, side by side: {role: {"a": profile, "b": profile}}."""
+    pa, pb = role_profile(a, labels_a), role_profile(b, labels_b)
+    order = sorted(set(pa) | set(pb), key=lambda r: (r == "unlabelled", r))
+    return {role: {"a": pa.get(role), "b": pb.get(role)} for role in order}
+
+
+def compare(a: Circuit, b: Circuit, name_a: str = "A", name_b: str = "B",
+            labels_a: dict | None = None, labels_b: dict | None = None) -> PairReport:
+    """Same graph: edge/node overlap (per position too for two position-aware circuits);
+    otherwise alignment by relative depth. With head-role labels for both
+    (`circuits.verify.roles.label_heads`), also the roles each circuit uses, and where."""
+    positions = shared_positions(a, b) if same_shape(a, b) else None
+    if positions is not None and "note" in positions:
+        a, b = plain_view(a), plain_view(b)             # one grain for both: edges at any position
+    report = (compare_same_model(a, b, name_a, name_b) if same_shape(a, b)
+              else compare_across_models(plain_view(a), plain_view(b), name_a, name_b))
+    if positions is not None:
+        report.figures["positions"] = positions
+    if labels_a is not None and labels_b is not None:
+        report.figures["roles"] = role_alignment(a, b, labels_a, labels_b)
+    return report
+
+
+def _role_side(p: dict | None) -> str:
+    if not p:
+        return "-"
+    return f"{p['count']} at depth {p['mean_depth']:.2f}"
+
+
+def role_lines(r: PairReport, shown: int = 4) -> list[str]:
+    if "roles" not in r.figures:
+        return []
+    lines = [f"  head roles ({r.a} / {r.b}: heads in the circuit with that role, mean relative depth):"]
+    for role, sides in r.figures["roles"].items():
+        names = lambda p: "" if not p else " (" + ", ".join(p["heads"][:shown]) + (", ..." if p["count"] > shown else "") + ")"
+        lines.append(f"    {role:<16}{_role_side(sides['a'])}{names(sides['a'])} / {_role_side(sides['b'])}{names(sides['b'])}")
+    return lines
 
 
 def plain_view(c: Circuit) -> Circuit:
@@ -193,7 +233,7 @@ def format_report(r: PairReport) -> str:
         for layer, row in f["per_layer"].items():
             lines.append(f"  layer {layer}: Jaccard {row['jaccard']:.2f}")
         lines += _position_lines(r)
-        return "\n".join(lines)
+        return "\n".join(lines + role_lines(r))
     lines = [f"{r.a} vs {r.b}: different models, aligned by relative depth", f"  {f['note']}"]
     for i in range(f["bins"]):
         pa, pb = f["depth_profile_a"], f["depth_profile_b"]
@@ -201,7 +241,7 @@ def format_report(r: PairReport) -> str:
                      f"{_share(pa['heads'][i])} / {_share(pb['heads'][i])}, MLPs "
                      f"{_share(pa['mlps'][i])} / {_share(pb['mlps'][i])}")
     lines.append(f"  profile distance {_share(f['profile_distance'], 3)} (mean |difference| of the shares; 0 = same use of depth)")
-    return "\n".join(lines)
+    return "\n".join(lines + role_lines(r))
 
 
 def edge_overlap_matrix(circuits: list[Circuit]) -> torch.Tensor:

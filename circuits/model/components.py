@@ -178,6 +178,24 @@ def attend(arch: Arch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return z.transpose(1, 2)
 
 
+def attention_pattern(arch: Arch, q: torch.Tensor, k: torch.Tensor,
+                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention weights `attend` uses, made explicit (for diagnostics, not the hot path).
+    q: [N, P, H, dh]; k: [N, P, KV, dh] (rotated). Returns [N, H, P_query, P_key], rows sum to 1."""
+    rep = arch.n_heads // arch.n_kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("nqhe,nkhe->nhqk", q, k) / arch.attn_scale
+    P = q.shape[1]
+    allowed = torch.ones(P, P, dtype=torch.bool, device=q.device)
+    if arch.causal:
+        allowed = allowed.tril()
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
 def head_outputs(lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
     """What each head writes to the residual stream (without the shared b_O): [N, P, H, d]."""
     return torch.einsum("bphe,hed->bphd", z, lw.W_O)

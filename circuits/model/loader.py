@@ -4,6 +4,7 @@ A spec is one of:
 - `random:<arch>`: real shapes, random weights (see `RANDOM_ARCHS`); `--seed` picks the weights;
 - a built-in model the project ships (`circuits models` lists them), e.g. `induction-2l`;
 - a local Hugging Face checkpoint directory (config, weights, tokenizer files);
+- a GGUF file `PATH.gguf`, or a packaged one by name (`smollm2-135m`), see `gguf.py`;
 - `hf:<hub id>` (`hf:gpt2`, `hf:EleutherAI/pythia-70m`, ...), loaded through `transformers`
   (the hub is used only when asked, so a mistyped name fails at once offline).
 
@@ -29,7 +30,7 @@ from torch import nn
 from circuits import graph as graph_mod
 from circuits.errors import CircuitsError
 from circuits.graph import Channel, Graph
-from circuits.model import tracr
+from circuits.model import gguf, tracr
 from circuits.model.adapters import UnsupportedModel, Weights, extract
 
 BUILTIN_DIR = Path(__file__).parent.parent / "builtin"
@@ -271,6 +272,9 @@ def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=
                                  f"{', '.join(RANDOM_ARCHS)}")
         built = RANDOM_ARCHS[name][1]()
         model = _wrap(spec, built, gpt2_tokenizer(), {"description": RANDOM_ARCHS[name][0]}, check)
+    elif gguf.is_gguf_spec(spec):
+        path, meta = gguf.checkpoint(spec)
+        model = _load_dir(spec, path, meta, check, dtype)
     elif spec in builtin_models():
         model = _load_dir(spec, BUILTIN_DIR / spec, builtin_models()[spec], check, dtype)
     elif Path(spec).expanduser().is_dir():
