@@ -11,16 +11,16 @@ from circuits.cli.common import (
     EXIT_OK,
     OneLineParser,
     _add_common,
-    circuit_arg,
     _examples,
     _load_model_and_task,
     _print_json,
     ablation_for,
-    task_positions,
+    circuit_arg,
     note_other_model,
     outputs,
     plural,
     preflight,
+    task_positions,
 )
 
 
