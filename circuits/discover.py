@@ -13,6 +13,7 @@ from circuits import methods, select
 from circuits.circuit import Circuit
 from circuits.evaluation import Setup, behaviour_gap, normalized_faithfulness
 from circuits.methods.acdc import acdc
+from circuits.methods.registry import check_params
 from circuits.tasks.task import Metric
 
 
@@ -109,7 +110,8 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     """
     from tqdm.auto import tqdm
     g = setup.graph
-    tol = tolerance or search_tolerance(g.n_edges)
+    N = g.n_edges * (scores.shape[0] if scores.dim() == 3 else 1)   # at position grain [P, S, R]: P × E
+    tol = tolerance or search_tolerance(N)
 
     def mask_for(n: int) -> torch.Tensor:
         m = select.top_n(g, scores, n)
@@ -120,7 +122,7 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     if behaviour_gap(full, empty) is None:      # nothing to explain: no size is more faithful than another
         return Search(mask_for(tol), tol, None, float("nan"), tol, ())
 
-    grid = lambda n: min(g.n_edges, max(tol, -(-n // tol) * tol))   # round up onto the tolerance grid
+    grid = lambda n: min(N, max(tol, -(-n // tol) * tol))   # round up onto the tolerance grid
     seen: dict[int, tuple[float, float]] = {}
     bar = tqdm(desc=f"faithfulness search (target {target:g}, ±{tol} edges)", unit="eval", disable=not progress)
 
@@ -133,7 +135,7 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
         return seen[n][1]
 
     ok = lambda n: f(n) >= target
-    n = grid(_first_guess(scores, g.allowed, target, tol, g.n_edges))
+    n = grid(_first_guess(scores, g.allowed.expand_as(scores), target, tol, N))
     if ok(n):
         hi, lo = n, None
         while hi > tol:
@@ -144,14 +146,14 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
             hi = down
     else:
         lo, hi = n, None
-        while lo < g.n_edges:
+        while lo < N:
             up = grid(lo * 4)
             if ok(up):
                 hi = up
                 break
             lo = up
     if hi is None:                              # even the whole graph falls short
-        hi = g.n_edges
+        hi = N
     # Regula falsi on log n with the Illinois rule: when one end of the bracket stays twice in a
     # row, its distance to the target counts half, so a saturating (concave) curve does not pin the
     # steps to one side.
@@ -183,20 +185,88 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     return Search(mask_for(hi), hi, m, faith, tol, tried)
 
 
+def _smallest(n_max: int, faithful) -> int:
+    """The first n on a doubling grid with faithful(n), then bisection down from it."""
+    hi = 1
+    while hi < n_max and not faithful(hi):
+        hi *= 2
+    hi = min(hi, n_max)
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if faithful(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def select_neurons(setup: Setup, neuron_scores: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """[S, d] bool: the output dimensions kept, chosen from neuron scores by `sel` (top-n and
+    threshold count neurons; by default the fewest reaching the faithfulness target, every
+    edge kept)."""
+    values = neuron_scores.abs().flatten()
+    order = torch.sort(values, descending=True, stable=True).indices
+
+    def top(n: int) -> torch.Tensor:
+        keep = torch.zeros(values.numel(), dtype=torch.bool)
+        keep[order[:n]] = True
+        return keep.view_as(neuron_scores)
+
+    if sel.greedy is not None:
+        raise ValueError("greedy selection grows edges; at neuron grain use --top-n or --threshold")
+    if sel.top_n is not None:
+        return top(sel.top_n)
+    if sel.threshold is not None:
+        return neuron_scores.abs() >= sel.threshold
+    full_mask = setup.graph.full_mask()
+    empty = setup.metric(setup.graph.empty_mask()).mean().item()
+    full = setup.clean_metric().mean().item()
+    if behaviour_gap(full, empty) is None:
+        return top(1)
+
+    def faithful(n: int) -> bool:
+        m = setup.metric(full_mask, neurons=top(n)).mean().item()
+        return normalized_faithfulness(m, empty, full) >= sel.target_faithfulness
+
+    return top(_smallest(values.numel(), faithful))
+
+
 HYBRID_CANDIDATE_FAITHFULNESS = 0.95
 
 
 def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: float | None = None,
         steps: int | None = None, candidates: int | None = None, acdc_metric: Metric | None = None,
-        checkpoint=None, resume: bool = False,
-        progress: bool = False, seed: int = 0, provenance: dict | None = None) -> Discovery:
-    """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`)."""
+        checkpoint=None, resume: bool = False, checkpoint_every: float = 30.0,
+        method_params: dict | None = None,
+        progress: bool = False, seed: int = 0, provenance: dict | None = None,
+        neurons: bool = False) -> Discovery:
+    """Find a circuit with `method` (a registered scoring method, `acdc`, or `hybrid`).
+
+    method_params: the scoring method's own parameters, over its registered defaults (checked).
+    neurons: a neuron-level circuit instead: every edge kept, the output dimensions of each sender
+    chosen by an attribution method's neuron scores (the selection counts neurons)."""
     g = setup.graph
     t0 = time.perf_counter()
     params: dict = {}
     details: dict = {}
     known_metric = None                 # the circuit's metric when the search already measured it
-    if method in ("acdc", "hybrid"):
+    kept_neurons = neuron_scores = None
+    if neurons:
+        if setup.positions is not None:
+            raise ValueError("neuron masks are per sender, not per position: drop --positions or --neurons")
+        if method_params:
+            raise ValueError(f"neuron scores use {method}'s default gradient; "
+                             f"{', '.join(sorted(method_params))} do(es) not apply at neuron grain")
+        from circuits.methods.scoring import neuron_attribution
+        params = {"steps": steps or 5} if "steps" in methods.get(method).defaults else {}
+        found = neuron_attribution(setup, method, progress=progress, **params)
+        scores, neuron_scores = found.edges, found.neurons
+        kept_neurons = select_neurons(setup, neuron_scores, selection)
+        mask = g.full_mask()
+        params["selection"] = {**selection.describe(), "grain": "neurons"}
+        details = {"neurons": int(kept_neurons.sum()), "total_neurons": kept_neurons.numel()}
+    elif method in ("acdc", "hybrid"):
         tau = 0.01 if tau is None else tau
         if acdc_metric is None:       # ACDC's own choice, KL, unless the task's metric is a divergence
             acdc_metric = setup.task.metric if setup.task.metric.is_divergence else Metric.KL
@@ -214,11 +284,12 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             params.update({"candidates": n_cand, "candidate_method": "eap-ig-activations"})
             if progress:
                 from tqdm.auto import tqdm
-                tqdm.write(f"hybrid: ACDC examines {n_cand} of {g.n_edges} edges, the candidates of an EAP-IG pass "
+                tqdm.write(f"hybrid: ACDC examines {n_cand} of {setup.n_edges} edges, the candidates of an EAP-IG pass "
                            + ("(its smallest top-n with faithfulness >= "
                               f"{HYBRID_CANDIDATE_FAITHFULNESS:g})" if candidates is None else f"(its top {candidates})"), file=sys.stderr)
         result = acdc(setup, tau, metric=acdc_metric, start_mask=start_mask, checkpoint=checkpoint,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, checkpoint_every=checkpoint_every,
+                      settings={"method": method, "seed": seed})
         mask, scores = result.mask, result.scores
         if selection.prune:
             mask = select.prune(g, mask)
@@ -228,6 +299,9 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
         kwargs = dict(spec.defaults)
         if steps is not None and "steps" in kwargs:
             kwargs["steps"] = steps
+        if "seed" in kwargs:
+            kwargs["seed"] = seed
+        kwargs.update(check_params(method, dict(method_params or {})))
         params = dict(kwargs)
         scores = spec.score(setup, progress=progress, **kwargs)
         mask, selected, search = _apply(setup, scores, selection, progress)
@@ -238,12 +312,18 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             details["search"] = {"evaluations": len(search.tried), "tolerance_edges": search.tolerance,
                                  "tried": [{"n": n, "faithfulness": f} for n, f in search.tried]}
     seconds = time.perf_counter() - t0
-    faith = setup.faithfulness(mask, known_metric)
+    faith = setup.faithfulness(mask, known_metric, neurons=kept_neurons)
     prov = {"model": setup.model.spec, "task": {"name": setup.task.name, **setup.task.meta,
                                                  "examples": len(setup.task)},
             "metric": setup.task.metric.value, "ablation": setup.ablation.value, "method": method,
             "parameters": params, "seed": seed, "package_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
+    if "direction" in params:
+        prov["direction"] = params["direction"]
+    if "source" in setup.model.meta:       # e.g. a GGUF file: its sha256 and quantization
+        prov["model_source"] = setup.model.meta["source"]
     prov.update(provenance or {})
-    return Discovery(Circuit(g, mask, scores.float(), prov), faith, seconds, details)
+    names = None if setup.positions is None else setup.positions.names
+    return Discovery(Circuit(g, mask, scores.float(), prov, names, kept_neurons, neuron_scores),
+                     faith, seconds, details)

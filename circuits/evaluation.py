@@ -2,6 +2,8 @@
 
 `Setup.metric(mask)` runs the one patching forward (`patching.run`) over the task's examples and
 returns the metric per example; everything else (faithfulness, ACDC, verification) builds on it.
+A setup prepared with `positions` takes position-aware masks, [P, S, R] (a batch: [V, P, S, R]);
+a plain [S, R] mask still means the same edges at every position.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from circuits import patching
 from circuits.model.loader import Model
 from circuits.patching import Ablation, Prefix
+from circuits.positions import Positions, TokenGroups
 from circuits.tasks.task import Metric, Task, check_metric, metric_values
 
 
@@ -26,6 +29,7 @@ class Chunk:
     ablated: torch.Tensor          # [S, B|1, P|1, d]
     clean: patching.Run            # recorded clean run (outputs, resid per layer)
     clean_logits: torch.Tensor     # [B, vocab] at the answer positions
+    groups: TokenGroups | None = None   # the position of every token (position-aware setups)
     _prefixes: dict = field(default_factory=dict, repr=False)
     # the clean run with its autograd graph and gradient taps, kept when prepared for EAP
     _graph: dict = field(default_factory=dict, repr=False)
@@ -62,6 +66,7 @@ class Setup:
     task: Task
     ablation: Ablation
     chunks: tuple[Chunk, ...]
+    positions: Positions | None = None
     # m(∅) per metric: every faithfulness needs it, and it costs a forward over all examples
     _empty: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -69,34 +74,63 @@ class Setup:
     def graph(self):
         return self.model.graph
 
+    @property
+    def n_positions(self) -> int | None:
+        return None if self.positions is None else self.positions.n
+
+    def _mask_dims(self) -> int:
+        """Dimensions of one mask at this setup's grain: 2 ([S, R]) or 3 ([P, S, R])."""
+        return 2 if self.positions is None else 3
+
+    def _groups(self, coef: torch.Tensor | None, chunk: Chunk) -> TokenGroups | None:
+        return None if coef is None or coef.dim() == 2 or self.positions is None else chunk.groups
+
+    def empty_mask(self) -> torch.Tensor:
+        g = self.graph
+        return g.empty_mask() if self.positions is None else g.empty_mask().expand(self.positions.n, -1, -1).clone()
+
+    def full_mask(self) -> torch.Tensor:
+        g = self.graph
+        return g.full_mask() if self.positions is None else g.full_mask().expand(self.positions.n, -1, -1).clone()
+
+    @property
+    def n_edges(self) -> int:
+        return self.graph.n_edges * (1 if self.positions is None else self.positions.n)
+
     def coef(self, mask: torch.Tensor) -> torch.Tensor:
-        """1 − mask on the graph's edges: [S, R] or [V, S, R] float."""
+        """1 − mask on the graph's edges: [S, R] or [V, S, R] float ([P, S, R], [V, P, S, R] at
+        position grain)."""
         return (~mask.bool() & self.graph.allowed).to(self.model.weights.dtype)
 
-    def logits(self, coef: torch.Tensor | None, chunk: Chunk, start_layer: int = 0) -> torch.Tensor:
+    def logits(self, coef: torch.Tensor | None, chunk: Chunk, start_layer: int = 0,
+               neurons: torch.Tensor | None = None) -> torch.Tensor:
         w, g = self.model.weights, self.graph
         tokens = chunk.task.clean.to(w.device)
         prefix = chunk.prefix(start_layer, g) if start_layer > 0 else None
         with torch.no_grad():
             return patching.run(w, g, tokens, positions=chunk.task.positions, coef=coef,
-                                ablated=chunk.ablated, prefix=prefix).logits
+                                ablated=chunk.ablated, prefix=prefix, groups=self._groups(coef, chunk),
+                                neurons=neurons).logits
 
     def metric_of_coef(self, coef: torch.Tensor, metric: Metric | None = None,
-                       start_layer: int = 0) -> torch.Tensor:
-        """Metric per example for each variant: coef [S, R] → [B]; [V, S, R] → [V, B]."""
+                       start_layer: int = 0, neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """Metric per example for each variant: coef [S, R] → [B]; [V, S, R] → [V, B]
+        (at position grain [P, S, R] → [B] and [V, P, S, R] → [V, B]; [S, R] still → [B])."""
         metric = metric or self.task.metric
-        V = coef.shape[0] if coef.dim() == 3 else None
+        V = coef.shape[0] if coef.dim() == self._mask_dims() + 1 else None
         parts = []
         for chunk in self.chunks:
-            logits = self.logits(coef, chunk, start_layer)
+            logits = self.logits(coef, chunk, start_layer, neurons)
             values = metric_values(metric, logits, chunk.task, chunk.clean_logits)
             parts.append(values.view(V or 1, -1))
         out = torch.cat(parts, dim=1)
         return out if V is not None else out[0]
 
-    def metric(self, mask: torch.Tensor, metric: Metric | None = None) -> torch.Tensor:
-        """Metric per example with only the circuit's edges clean ([S, R] bool mask)."""
-        return self.metric_of_coef(self.coef(mask), metric)
+    def metric(self, mask: torch.Tensor, metric: Metric | None = None,
+               neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """Metric per example with only the circuit's edges clean ([S, R] or [P, S, R] bool mask);
+        neurons: [S, d] bool, the output dimensions of each sender kept (the others ablated)."""
+        return self.metric_of_coef(self.coef(mask), metric, neurons=neurons)
 
     def clean_metric(self, metric: Metric | None = None) -> torch.Tensor:
         metric = metric or self.task.metric
@@ -110,10 +144,11 @@ class Setup:
         w, g = self.model.weights, self.graph
         chunks = []
         for c in self.chunks:
+            coef = self.coef(mask)
             with torch.no_grad():
                 base = patching.run(w, g, c.task.clean.to(w.device), positions=c.task.positions,
-                                    coef=self.coef(mask), ablated=c.ablated, record=True)
-            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits))
+                                    coef=coef, ablated=c.ablated, record=True, groups=self._groups(coef, c))
+            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits, c.groups))
         return dataclasses.replace(self, chunks=tuple(chunks), _empty=self._empty)
 
     def empty_metric(self, metric: Metric | None = None) -> float:
@@ -128,26 +163,20 @@ class Setup:
         and faithfulness (a ratio over that difference) is undefined."""
         return behaviour_gap(self.clean_metric().mean().item(), self.empty_metric()) is not None
 
-    def faithfulness(self, mask: torch.Tensor, m_circuit: float | None = None) -> dict:
+    def faithfulness(self, mask: torch.Tensor, m_circuit: float | None = None,
+                     neurons: torch.Tensor | None = None) -> dict:
         """Normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) with the raw means.
         m_circuit: the circuit's mean metric when already measured (saves a forward)."""
-        m_c = self.metric(mask).mean().item() if m_circuit is None else m_circuit
+        m_c = self.metric(mask, neurons=neurons).mean().item() if m_circuit is None else m_circuit
         m_empty = self.empty_metric()
         m_full = self.clean_metric().mean().item()
         return {"circuit": m_c, "empty": m_empty, "model": m_full,
                 "faithfulness": normalized_faithfulness(m_c, m_empty, m_full)}
 
 
-def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
-            batch_size: int | None = None, reference: Task | None = None,
-            keep_clean_graph: bool = False) -> Setup:
-    """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
-
-    Mean ablations average over `reference` (default: the task's corrupted prompts).
-    keep_clean_graph: run the clean forward with gradient taps and keep its autograd graph for
-    one later EAP backward (saves EAP its own clean forward; costs the graph's memory until then).
-    """
-    w, g = model.weights, model.graph
+def _checked(model: Model, task: Task) -> Task:
+    """Refuse a task the model cannot run; pad for non-causal models (which read padding)."""
+    w = model.weights
     if int(task.clean.max()) >= w.arch.d_vocab:
         raise ValueError(f"task {task.name} has token ids beyond the model's vocabulary ({w.arch.d_vocab})")
     if task.clean.shape[1] > w.arch.n_ctx:
@@ -160,17 +189,42 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
         pad = w.arch.pad_token_id       # the token the model masks out of attention
         task = dataclasses.replace(task, clean=task.clean.masked_fill(~task.valid, pad),
                                    corrupted=task.corrupted.masked_fill(~task.valid, pad))
-    shared = None
-    if ablation in (Ablation.MEAN, Ablation.MEAN_POS, Ablation.ZERO):
-        ref = reference or task
-        shared = patching.ablated_outputs(w, g, ablation, corrupted=task.corrupted,
-                                          reference=ref.corrupted if reference is None else ref.clean,
-                                          reference_valid=ref.valid)
-    B = len(task)
-    size = batch_size or B
+    return task
+
+
+def _shared_ablation(model: Model, task: Task, ablation: Ablation, reference: Task | None,
+                     batch_size: int | None) -> torch.Tensor | None:
+    """The sender outputs every chunk shares (mean and zero ablations); None for resample."""
+    if ablation not in (Ablation.MEAN, Ablation.MEAN_POS, Ablation.ZERO):
+        return None
+    ref = reference or task
+    return patching.ablated_outputs(model.weights, model.graph, ablation, corrupted=task.corrupted,
+                                    reference=ref.corrupted if reference is None else ref.clean,
+                                    reference_valid=ref.valid, batch_size=batch_size)
+
+
+def _rows(n: int, size: int | None):
+    size = size or n
+    return [slice(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
+            batch_size: int | None = None, reference: Task | None = None,
+            positions: Positions | None = None, keep_clean_graph: bool = False) -> Setup:
+    """Cache the clean runs and ablated outputs of a task, in chunks of `batch_size` examples.
+
+    Mean ablations average over `reference` (default: the task's corrupted prompts). The caches
+    are kept for every chunk (many forwards reuse them): memory grows with the rows; for a few
+    forwards over many rows, `evaluate_streaming` keeps nothing between chunks.
+    positions: the task's token positions (`circuits.positions.of_task`) for position-aware masks.
+    keep_clean_graph: run the clean forward with gradient taps and keep its autograd graph for
+    one later EAP backward (saves EAP its own clean forward; costs the graph's memory until then).
+    """
+    w, g = model.weights, model.graph
+    task = _checked(model, task)
+    shared = _shared_ablation(model, task, ablation, reference, batch_size)
     chunks = []
-    for start in range(0, B, size):
-        rows = slice(start, min(B, start + size))
+    for rows in _rows(len(task), batch_size):
         sub = task.subset(range(rows.start, rows.stop))
         if shared is not None:
             ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
@@ -187,7 +241,61 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
         else:
             with torch.no_grad():
                 clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, record=True)
-        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits, _graph=graph))
-    setup = Setup(model, task, ablation, tuple(chunks))
+        groups = None if positions is None else positions.rows(rows, sub.clean.shape[1])
+        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits, groups, _graph=graph))
+    setup = Setup(model, task, ablation, tuple(chunks), positions)
     check_metric(setup.clean_metric(), task, "clean")
     return setup
+
+
+STREAMING_BATCH = 64
+
+
+def evaluate_streaming(model: Model, task: Task, ablation: Ablation, masks: dict[str, torch.Tensor], *,
+                       batch_size: int | None = None, progress: bool = False,
+                       positions: Positions | None = None,
+                       neurons: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean metric of the clean run, the corrupted run and each circuit (`masks`: name → [S, R]
+    bool, or [P, S, R] at position grain with `positions`, the task's token positions), one
+    chunk of `batch_size` examples (default STREAMING_BATCH) at a time with nothing kept between
+    chunks, so peak memory follows the batch size, not the number of rows. neurons: name → [S, d]
+    bool neuron mask of that circuit (the other output dimensions ablated).
+
+    Per chunk: one clean forward, one corrupted forward (which also records the resample
+    ablation's sender outputs), one forward per circuit: no more work than `prepare` plus one
+    `Setup.metric` per circuit."""
+    from tqdm.auto import tqdm
+    w, g = model.weights, model.graph
+    task = _checked(model, task)
+    shared = _shared_ablation(model, task, ablation, None, batch_size or STREAMING_BATCH)
+    sums = {"clean": 0.0, "corrupted": 0.0, **{name: 0.0 for name in masks}}
+    clean_values = []
+    rows_all = _rows(len(task), batch_size or STREAMING_BATCH)
+    for rows in tqdm(rows_all, desc="evaluating", unit="batch", disable=not progress or len(rows_all) < 2):
+        sub = task.subset(range(rows.start, rows.stop))
+        with torch.no_grad():
+            clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions).logits
+            corrupted = patching.run(w, g, sub.corrupted.to(w.device), positions=sub.positions,
+                                     record=shared is None)
+            if shared is None:
+                ablated = corrupted.outputs
+            else:
+                ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
+            values = metric_values(task.metric, clean, sub, clean)
+            clean_values.append(values)
+            sums["clean"] += values.sum().item()
+            sums["corrupted"] += metric_values(task.metric, corrupted.logits, sub, clean).sum().item()
+            del corrupted
+            for name, mask in masks.items():
+                coef = (~mask.bool() & g.allowed).to(w.dtype)
+                groups = None
+                if coef.dim() == 3:
+                    if positions is None:
+                        raise ValueError(f"circuit {name} is position-aware ([P, S, R]): pass the task's positions")
+                    groups = positions.rows(rows, sub.clean.shape[1])
+                logits = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, coef=coef,
+                                      ablated=ablated, groups=groups,
+                                      neurons=None if neurons is None else neurons.get(name)).logits
+                sums[name] += metric_values(task.metric, logits, sub, clean).sum().item()
+    check_metric(torch.cat(clean_values), task, "clean")
+    return {k: v / len(task) for k, v in sums.items()}

@@ -7,8 +7,11 @@ For every receiver r the engine feeds
 where stream_r is what r reads in this very forward, current_s is sender s's output in this
 forward and ablated_s its output under the ablation (the corrupted run for resample ablation).
 `coef = 1 − mask` for a circuit; fractional or per-variant coefficients serve attribution and
-batched search. Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and
-nothing else. Receivers without any ablated incoming edge read the shared residual stream, so
+batched search. At position grain (`groups`: the position of every token) the coefficient has a
+position dimension, coef[p, s, r], applied to the tokens of position p: one matmul per position.
+A neuron mask ([S, d], 1 = kept) ablates the other output dimensions of each sender for every
+receiver: the sender's output in this forward (current_s) is then partly ablated already.
+Every method (evaluation, ACDC, EAP, EAP-IG, verification) sets `coef` and nothing else. Receivers without any ablated incoming edge read the shared residual stream, so
 the full circuit costs one plain forward; patched receivers get their own copy only where needed.
 """
 
@@ -22,6 +25,7 @@ import torch
 from circuits.graph import Graph
 from circuits.model import components as C
 from circuits.model.adapters import Positional, Weights
+from circuits.positions import TokenGroups
 
 PATCH_CACHE_ENTRIES = 64
 
@@ -47,6 +51,8 @@ class Prefix:
     # patches from these senders, keyed by their coefficients: many forwards that start here
     # (ACDC's tests, exact scores) reuse them instead of re-reading every cached sender
     patches: dict = field(default_factory=dict, repr=False)
+    # delta with tokens sorted by position ([S_p, B·P, d]), for position-aware coefficients
+    by_group: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -62,31 +68,84 @@ class Run:
 def _active_columns(coef: torch.Tensor | None, n_receivers: int) -> torch.Tensor:
     if coef is None:
         return torch.zeros(n_receivers, dtype=torch.bool)
-    return (coef != 0).any(0).any(0).cpu()
+    return (coef != 0).reshape(-1, n_receivers).any(0).cpu()
 
 
 class _Deltas:
     """Ablated-minus-current outputs of the senders so far, laid out for one matmul per layer."""
 
     def __init__(self, prefix: Prefix | None, n_own: int, V: int, B: int, P: int, d: int,
-                 like: torch.Tensor):
+                 like: torch.Tensor, groups: TokenGroups | None = None, differentiable: bool = False):
         self.n_shared = 0 if prefix is None else prefix.delta.shape[0]
-        self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
+        self.groups = groups
         self.cache = None if prefix is None else prefix.patches
-        self.own = like.new_empty(V, n_own, B * P * d) if n_own else None
+        # Differentiable (learned masks): writing into a preallocated buffer would modify tensors
+        # autograd saved, so the deltas are kept as a list and stacked where read.
+        self.differentiable = differentiable
+        self.parts: list[torch.Tensor] = []
+        buffer = n_own and not differentiable
+        if groups is None:
+            self.shared = None if prefix is None else prefix.delta.reshape(self.n_shared, -1)
+            self.own = like.new_empty(V, n_own, B * P * d) if buffer else None
+        else:                                     # tokens sorted by position: [.., B·P, d]
+            self.shared = None
+            if prefix is not None:
+                self.shared = prefix.by_group.get("sorted")
+                if self.shared is None:
+                    self.shared = prefix.by_group["sorted"] = \
+                        prefix.delta.reshape(self.n_shared, B * P, d)[:, groups.order]
+            self.own = like.new_empty(V, n_own, B * P, d) if buffer else None
         self.V, self.B, self.P, self.d = V, B, P, d
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         V, B, P, d = self.V, self.B, self.P, self.d
-        torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+        if self.groups is None:
+            if self.differentiable:
+                self.parts.append((ablated - out.reshape(V, B, P, d)).reshape(V, B * P * d))
+                return
+            torch.sub(ablated, out.reshape(V, B, P, d), out=self.own[:, s - self.n_shared].view(V, B, P, d))
+            return
+        diff = (ablated - out.reshape(V, B, P, d)).reshape(V, B * P, d)[:, self.groups.order]
+        if self.differentiable:
+            self.parts.append(diff)
+        else:
+            self.own[:, s - self.n_shared] = diff
+
+    def _own(self, lo: int, hi: int) -> torch.Tensor:
+        """[V, hi − lo, B·P·d] (with groups [V, hi − lo, B·P, d], tokens sorted) deltas of own
+        senders lo..hi (indices counted from n_shared)."""
+        if self.differentiable:
+            return torch.stack(self.parts[lo:hi], 1)
+        return self.own[:, lo:hi]
+
+    def _by_group(self, coef: torch.Tensor, src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[v, r, tokens of p] += Σ_s coef[v, p, s, r] · src[(v,) s, tokens of p], tokens sorted.
+
+        coef: [V, G, n, R]; src: [n, B·P, d] (shared by the variants) or [V, n, B·P, d]."""
+        V, n, R, d = coef.shape[0], coef.shape[2], coef.shape[3], self.d
+        for p, a, b in self.groups.spans():
+            c = coef[:, p].transpose(1, 2)                                       # [V, R, n]
+            if src.dim() == 3:
+                part = (c.reshape(V * R, n) @ src[:, a:b].reshape(n, (b - a) * d)).view(V, R, b - a, d)
+            else:
+                part = torch.bmm(c, src[:, :, a:b].reshape(V, n, (b - a) * d)).view(V, R, b - a, d)
+            out[:, :, a:b] += part
+        return out
+
+    def _shared_matmul(self, coef: torch.Tensor, first: int) -> torch.Tensor:
+        if self.groups is None:
+            return coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+        V, R = coef.shape[0], coef.shape[-1]
+        out = coef.new_zeros(V, R, self.B * self.P, self.d)
+        return self._by_group(coef, self.shared[first : first + coef.shape[2]], out)
 
     def _shared_patch(self, coef: torch.Tensor, first: int) -> torch.Tensor:
         if self.cache is None:
-            return coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+            return self._shared_matmul(coef, first)
         key = (first, tuple(coef.shape), hash(coef.detach().cpu().numpy().tobytes()))
         hit = self.cache.get(key)
         if hit is None:
-            hit = coef.transpose(1, 2) @ self.shared[first : first + coef.shape[1]]
+            hit = self._shared_matmul(coef, first)
             self.cache[key] = hit
             while len(self.cache) > PATCH_CACHE_ENTRIES:          # bounded: oldest first
                 self.cache.pop(next(iter(self.cache)))
@@ -94,7 +153,9 @@ class _Deltas:
 
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
         """coef: [V, n_senders − first, R] for senders [first, n_senders) → [R, V·B·P, d],
-        receiver-major."""
+        receiver-major. With groups, coef is [V, G, n_senders − first, R]."""
+        if self.groups is not None:
+            return self._patch_by_group(coef, n_senders, first)
         V, R = coef.shape[0], coef.shape[2]
         out = None
         ns = max(0, min(self.n_shared, n_senders) - first)
@@ -103,12 +164,24 @@ class _Deltas:
         lo = max(first, self.n_shared)
         if n_senders > lo:
             own = torch.bmm(coef[:, lo - first :].transpose(1, 2),
-                            self.own[:, lo - self.n_shared : n_senders - self.n_shared])
+                            self._own(lo - self.n_shared, n_senders - self.n_shared))
             out = own if out is None else out.add_(own)
         BP = self.B * self.P
         if V == 1:
             return out.view(R, BP, self.d)
         return out.view(V, R, BP, self.d).transpose(0, 1).reshape(R, V * BP, self.d)
+
+    def _patch_by_group(self, coef: torch.Tensor, n_senders: int, first: int) -> torch.Tensor:
+        V, R, BP, d = coef.shape[0], coef.shape[3], self.B * self.P, self.d
+        ns = max(0, min(self.n_shared, n_senders) - first)
+        out = self._shared_patch(coef[:, :, :ns], first) if ns else coef.new_zeros(V, R, BP, d)
+        lo = max(first, self.n_shared)
+        if n_senders > lo:
+            self._by_group(coef[:, :, lo - first :], self._own(lo - self.n_shared, n_senders - self.n_shared), out)
+        out = out[:, :, self.groups.inverse]                                     # token order again
+        if V == 1:
+            return out.view(R, BP, d)
+        return out.transpose(0, 1).reshape(R, V * BP, d)
 
 
 class _KeptDeltas:
@@ -158,7 +231,7 @@ class _KeptDeltas:
         return out.view(R, self.B * self.P, self.d)
 
 
-def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
+def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False):
     """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
 
     Receivers whose coefficient columns are identical (typically: every edge ablated) share one
@@ -169,16 +242,18 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
     inputs = inverse = None
     mlp_patch = None
     if len(cols) or mlp_col >= 0:
-        V = coef.shape[0]
         idx = (c0 + cols).tolist() + ([mlp_col] if mlp_col >= 0 else [])
-        key = coef[:, :s0, idx].permute(2, 0, 1).reshape(len(idx), V * s0)
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        patches = deltas.patch(uniq.view(-1, V, s0).permute(1, 2, 0), s0)       # [n_u, N·P, d]
+        key = coef[..., :s0, idx].movedim(-1, 0).reshape(len(idx), -1)          # one row per receiver
+        if coef.requires_grad:            # unique has no gradient; learned masks rarely repeat
+            uniq, inverse = key, torch.arange(len(idx), device=key.device)
+        else:
+            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        patches = deltas.patch(uniq.view(-1, *coef.shape[:-2], s0).movedim(0, -1), s0)   # [n_u, N·P, d]
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
         if len(cols):
-            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1)
+            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1, freeze_norm)
     group_of = dict(zip(cols.tolist(), [] if inverse is None else inverse.tolist()))
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
@@ -190,13 +265,13 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0):
             (plain if u is None else by_input.setdefault(u, [])).append(h)
         if not by_input:
             if shared_norm is None:
-                shared_norm = C.norm(arch, resid, lw.ln1)
+                shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             out.append(C.project(shared_norm, W, b))
             continue
         t = resid.new_empty(N, P, n, W.shape[2])
         if plain:
             if shared_norm is None:
-                shared_norm = C.norm(arch, resid, lw.ln1)
+                shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             t[:, :, plain] = C.project(shared_norm, W[plain], b[plain])
         for u, heads in by_input.items():
             t[:, :, heads] = C.project(inputs[u].view(N, P, d), W[heads], b[heads])
@@ -220,7 +295,10 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         record: bool = False,
         taps: bool = False,
         embeds: torch.Tensor | None = None,
-        stream: torch.Tensor | None = None) -> Run:
+        stream: torch.Tensor | None = None,
+        groups: TokenGroups | None = None,
+        neurons: torch.Tensor | None = None,
+        grad_mods: C.GradientMods | None = None) -> Run:
     """One forward pass of the engine.
 
     tokens: [B, P]. positions: [B] the position whose logits are wanted (None: all positions).
@@ -231,10 +309,20 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     taps: keep the tensors `receiver_grads` needs. embeds: [B, P, d] replaces the input sender's
     output. stream: [S, B, P, d] values every sender writes to the stream instead of its own
     output (straight-through: gradients still flow through the sender's computation).
+    groups: the position of every token; coef is then [G, S, R] or [V, G, S, R], position-aware.
+    neurons: [S, d] the output dimensions of each sender kept clean (1) or ablated (0) for every
+    receiver (needs `ablated`).
+    grad_mods: backward-only changes (GIM); the forward's values stay the same.
     """
+    mods = grad_mods if grad_mods is not None and grad_mods.active else None
+    freeze = mods is not None and mods.freeze_norm
     arch = graph.arch
-    if coef is not None and coef.dim() == 2:
+    if coef is not None and coef.dim() == (2 if groups is None else 3):
         coef = coef.unsqueeze(0)
+    if groups is not None and coef is not None:
+        if coef.dim() != 4 or coef.shape[1] != groups.n:
+            raise ValueError(f"position-aware coef should be [V, {groups.n}, S, R], got {tuple(coef.shape)}")
+        groups = groups.to(w.device)
     V = 1 if coef is None else coef.shape[0]
     if coef is not None:
         if ablated is None:
@@ -242,6 +330,11 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         coef = coef.to(device=w.device, dtype=w.dtype)
     if (record or taps) and V != 1:
         raise ValueError("record/taps need a single variant")
+    off = None
+    if neurons is not None:
+        if ablated is None or prefix is not None:
+            raise ValueError("a neuron mask needs the ablated sender outputs and a forward from the input")
+        off = 1 - neurons.to(device=w.device, dtype=w.dtype)                   # [S, d]: ablated dims
     active = _active_columns(coef, graph.n_receivers)
     start = 0 if prefix is None else prefix.layer
 
@@ -256,11 +349,17 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         B, P, d = resid.shape
     n_prefix = 0 if prefix is None else prefix.delta.shape[0]    # senders cached in the prefix
     deltas = None
-    if coef is not None and prefix is None and V == 1:
-        deltas = _KeptDeltas(coef, graph.allowed, graph.sender_start, B, P, d, resid)
-    elif coef is not None:
-        deltas = _Deltas(prefix, graph.n_senders - n_prefix,
-                         V, B, P, d, resid)
+    if coef is not None:
+        differentiable = coef.requires_grad and torch.is_grad_enabled()
+        # The kept-edges form is valid for the plain grain only: one variant from the input, no
+        # position groups, no neuron mask, nothing differentiated (it writes into buffers in place).
+        plain = (prefix is None and V == 1 and groups is None and off is None
+                 and not torch.is_grad_enabled())
+        if plain:
+            deltas = _KeptDeltas(coef, graph.allowed, graph.sender_start, B, P, d, resid)
+        else:
+            deltas = _Deltas(prefix, graph.n_senders - n_prefix, V, B, P, d, resid, groups,
+                             differentiable=differentiable)
     outputs = resid.new_zeros(graph.n_senders, B, P, d) if record else None
     resid_log: list[torch.Tensor] = []
 
@@ -270,6 +369,17 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         if deltas is not None:
             deltas.put(s, ablated[s], out)
 
+    def neuron_ablated(first: int, out: torch.Tensor, heads: bool) -> torch.Tensor:
+        """Sender outputs (heads: [N, P, H, d], else [N, P, d]) with the dims off the mask ablated."""
+        n = out.shape[2] if heads else 1
+        abl = ablated[first : first + n]                                          # [n, B|1, P|1, d]
+        abl = abl.permute(1, 2, 0, 3) if heads else abl[0]
+        if abl.shape[0] > 1 and out.shape[0] != abl.shape[0]:
+            abl = abl.repeat(out.shape[0] // abl.shape[0], *([1] * (abl.dim() - 1)))
+        return out + (off[first : first + n] if heads else off[first]) * (abl - out)
+
+    if off is not None and prefix is None:
+        resid = neuron_ablated(0, resid, heads=False)
     if V > 1:
         resid = resid.repeat(V, 1, 1)
     if prefix is None:
@@ -294,15 +404,23 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         col = graph.mlp_col[layer]
         cols = torch.nonzero(active[c0:c1]).flatten()
         fuse_mlp = col >= 0 and bool(active[col])
-        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0)
+        q, k, v, mlp_patch = _qkv(arch, lw, resid, coef, deltas, cols, c0, col if fuse_mlp else -1, s0,
+                                  freeze)
         H = arch.n_heads
         if taps:
             tap[("attn", layer)] = (resid, q, k, v)
+        temperature = 1.0
+        if mods is not None:
+            q, k, v = (C.scale_grad(q, mods.q_scale), C.scale_grad(k, mods.k_scale),
+                       C.scale_grad(v, mods.v_scale))
+            temperature = mods.softmax_temperature
         if cos is not None:
             q, k = C.rotate(arch, q, cos, sin), C.rotate(arch, k, cos, sin)
-        heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid))                 # [N, P, H, d]
+        heads = C.head_outputs(lw, C.attend(arch, q, k, v, key_valid, temperature))     # [N, P, H, d]
         if stream is not None:
             heads = heads + (stream[s0 : s0 + H].permute(1, 2, 0, 3) - heads).detach()
+        if off is not None:
+            heads = neuron_ablated(s0, heads, heads=True)
         for h in range(H):
             emit(s0 + h, heads[:, :, h])
         attn_out = heads.sum(2) + lw.b_O
@@ -316,13 +434,15 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
             n_in = int(graph.n_inputs[col])
             x = mid + mlp_patch.view(mid.shape)
             if n_in > s0:                                    # the layer's own heads (sequential)
-                x = x + deltas.patch(coef[:, s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
-        h2 = C.norm(arch, x, lw.ln2)
+                x = x + deltas.patch(coef[..., s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
+        h2 = C.norm(arch, x, lw.ln2, freeze)
         if taps:
             tap[("mlp", layer)] = (x, h2)
         out = C.mlp(arch, lw, h2)
         if stream is not None:
             out = out + (stream[s0 + H] - out).detach()
+        if off is not None:
+            out = neuron_ablated(s0 + H, out, heads=False)
         emit(s0 + H, out)
         resid = (resid + attn_out + out) if arch.parallel else (mid + out)
 
@@ -332,10 +452,10 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     col = graph.logits_col
     x = resid
     if active[col]:
-        x = resid + deltas.patch(coef[:, :, col : col + 1], graph.n_senders).view(resid.shape)
+        x = resid + deltas.patch(coef[..., col : col + 1], graph.n_senders).view(resid.shape)
     if positions is not None:
         x = x[torch.arange(x.shape[0], device=x.device), positions]
-    hf = C.norm(arch, x, w.ln_final)
+    hf = C.norm(arch, x, w.ln_final, freeze)
     if taps:
         tap[("logits",)] = (x, hf)
     logits = hf @ w.W_U
@@ -352,12 +472,13 @@ def prefix_at(layer: int, graph: Graph, clean: Run, ablated: torch.Tensor) -> Pr
 
 def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: torch.Tensor,
                     reference: torch.Tensor | None = None,
-                    reference_valid: torch.Tensor | None = None) -> torch.Tensor:
+                    reference_valid: torch.Tensor | None = None,
+                    batch_size: int | None = None) -> torch.Tensor:
     """Sender outputs under an ablation, [S, B|1, P|1, d].
 
     corrupted: [B, P] corrupted prompts (resample). reference: [B', P'] prompts whose mean is
     used by mean ablations (default: the corrupted prompts); reference_valid: [B', P'] bool
-    marking real (non-padding) tokens.
+    marking real (non-padding) tokens. Means are summed `batch_size` reference rows at a time.
     """
     B, P = corrupted.shape
     S, d = graph.n_senders, graph.arch.d_model
@@ -369,12 +490,19 @@ def ablated_outputs(w: Weights, graph: Graph, ablation: Ablation, *, corrupted: 
                        record=True).outputs
         ref = corrupted if reference is None else reference
         valid = torch.ones(ref.shape, dtype=torch.bool) if reference_valid is None else reference_valid
-        outs = run(w, graph, ref.to(w.device), positions=torch.zeros(ref.shape[0], dtype=torch.long),
-                   record=True).outputs
-        weight = valid.to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, B', P', 1]
-        if ablation is Ablation.MEAN:
-            return ((outs * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1))[:, None, None]
-        if ref.shape[1] < P:
+        if ablation is Ablation.MEAN_POS and ref.shape[1] < P:
             raise ValueError(f"mean-pos ablation needs reference prompts at least {P} tokens long")
-        per_pos = (outs * weight).sum(1) / weight.sum(1).clamp(min=1)             # [S, P', d]
-        return per_pos[:, None, :P]
+        total = count = None
+        size = batch_size or ref.shape[0]
+        for start in range(0, ref.shape[0], size):
+            part = slice(start, start + size)
+            outs = run(w, graph, ref[part].to(w.device), positions=torch.zeros(len(ref[part]), dtype=torch.long),
+                       record=True).outputs
+            weight = valid[part].to(device=w.device, dtype=w.dtype)[None, :, :, None]    # [1, b, P', 1]
+            dims = (1, 2) if ablation is Ablation.MEAN else (1,)
+            add, n = (outs * weight).sum(dims), weight.sum(dims)
+            total, count = (add, n) if total is None else (total + add, count + n)
+        mean = total / count.clamp(min=1)
+        if ablation is Ablation.MEAN:
+            return mean[:, None, None]
+        return mean[:, None, :P]                                                   # [S, 1, P, d]

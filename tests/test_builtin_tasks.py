@@ -63,6 +63,33 @@ def test_years_that_do_not_split_are_dropped():
     assert task.meta["dropped"]["year does not split as century + two digits"] > 0
 
 
+class DigitTokenizer(SplittingTokenizer):
+    """GPT-2's tokenizer, except that numbers are spelt one token per digit (SmolLM2, Llama 3)."""
+
+    def __init__(self, tok):
+        super().__init__(tok, [])
+
+    def encode(self, text):
+        import re
+        return [i for piece in re.split(r"(\d)", text) if piece for i in self.tok.encode(piece)]
+
+
+def test_greater_than_on_a_digit_level_tokenizer_predicts_the_tens_digit():
+    base = load_model("random:gpt2-tiny")
+    tok = DigitTokenizer(base.tokenizer)
+    model = with_tokenizer(tok)
+    task = build_task("greater-than", model, n=40)
+    assert len(task) == 40 and task.meta["tokenization"] == "one token per digit"
+    digit = {tok.encode(str(d))[0]: d for d in range(10)}
+    for row in range(len(task)):
+        clean = tok.decode(task.clean[row, : task.lengths[row]].tolist())
+        start_tens = int(clean.split("year ")[1][2])              # "1732" -> 3
+        above = {digit[i] for i in task.answers[row].tolist() if i >= 0}
+        below = {digit[i] for i in task.wrongs[row].tolist() if i >= 0}
+        assert above == set(range(start_tens + 1, 10)) and below == set(range(start_tens))
+        assert clean.endswith(clean.split("year ")[1][:2])         # ends with the century
+
+
 def test_text_task_needs_a_tokenizer():
     model = with_tokenizer(None)
     with pytest.raises(TaskError, match="needs a tokenizer"):

@@ -35,7 +35,7 @@ def test_errors_are_messages_not_tracebacks(capsys, tmp_path):
 
 def test_hub_id_offline_fails_clearly(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["graph", "no-such-org/no-such-model"]) == 2
+    assert main(["graph", "hf:no-such-org/no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "Offline?" in err and "save_pretrained" in err
 

@@ -54,8 +54,8 @@ def test_options_the_method_would_ignore_are_refused(capsys, tmp_path, argv, say
 def test_typos_in_model_task_and_device_get_suggestions_fast(capsys):
     assert "did you mean induction-2l?" in _error(capsys, ["discover", "induction-3l"])
     assert "did you mean ioi?" in _error(capsys, ["discover", "induction-2l", "iio"])
-    assert "no usable CUDA device" in _error(capsys, ["graph", "induction-2l", "--device", "cuda"])
-    assert "device 'foo'" in _error(capsys, ["graph", "induction-2l", "--device", "foo"])
+    assert "no usable CUDA device" in _error(capsys, ["evaluate", "induction-2l", "induction", "--device", "cuda"])
+    assert "device 'foo'" in _error(capsys, ["evaluate", "induction-2l", "induction", "--device", "foo"])
 
 
 def test_acdc_checkpoint_is_never_silently_discarded(capsys, tmp_path):

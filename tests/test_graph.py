@@ -1,5 +1,7 @@
 import json
 
+import pytest
+import torch
 from conftest import load_model
 
 from circuits import graph
@@ -71,3 +73,35 @@ def test_cli_graph_reports_counts(capsys):
 def test_cli_graph_gpt2_small(capsys):
     assert main(["graph", "random:gpt2-small", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["edges"]["total"] == 32491
+
+
+@pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny", "random:neox-tiny",
+                                  "random:native-tiny"])
+def test_architecture_without_weights_equals_the_loaded_one(spec):
+    from circuits.model import loader
+    assert loader.architecture(spec) == loader.load(spec, check=False).arch
+
+
+def test_the_gpt2_tokenizer_is_cached_and_a_damaged_cache_rebuilt(tmp_path, monkeypatch):
+    from circuits.model import loader
+    monkeypatch.setenv("CIRCUITS_CACHE_DIR", str(tmp_path))
+    loader.gpt2_tokenizer.cache_clear()
+    try:
+        ids = loader.gpt2_tokenizer().encode(" Mary and John")
+        (cached,) = tmp_path.glob("gpt2-tokenizer-*.json")
+        loader.gpt2_tokenizer.cache_clear()
+        assert loader.gpt2_tokenizer().encode(" Mary and John") == ids          # read from the cache
+        cached.write_text("{ not a tokenizer")
+        loader.gpt2_tokenizer.cache_clear()
+        assert loader.gpt2_tokenizer().encode(" Mary and John") == ids == [5335, 290, 1757]
+        assert cached.read_text().startswith("{") and "model" in cached.read_text()   # rebuilt
+    finally:
+        loader.gpt2_tokenizer.cache_clear()
+
+
+def test_the_bridge_is_built_on_first_use():
+    from circuits.model import loader
+    model = loader.load("random:gpt2-tiny")
+    assert "bridge" not in vars(model)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(model.bridge(tokens), model.source(tokens).logits, atol=1e-5)

@@ -140,7 +140,8 @@ def test_verify_says_what_it_will_spend_and_samples_minimality(capsys, tmp_path)
                  "--minimality-sample", "2"]) == 0
     captured = capsys.readouterr()
     plan = next(line for line in captured.err.splitlines() if line.startswith("verify: "))
-    assert re.search(r"verify: \d+ circuit evaluations: curve 10, completeness 4, minimality 3, ablations 5 "
+    # two MIB curves (by signed score and by |score|) of 10 sizes each
+    assert re.search(r"verify: \d+ circuit evaluations: curve 20, completeness 4, minimality 3, ablations 5 "
                      r"\(a sample of 2 of \d+ components\); about \d+", plan), plan
     assert re.search(r"minimality +sampled 2 of \d+ components: .*95% interval", captured.out), captured.out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,8 +35,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def finite_float(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
@@ -49,7 +57,17 @@ def fraction(text: str) -> float:
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=1))
+    """JSON on stdout; NaN/inf (not JSON) are printed as null and named on stderr."""
+    from circuits.files import json_safe
+    replaced: list[str] = []
+    print(json.dumps(json_safe(obj, replaced=replaced), indent=1, allow_nan=False))
+    note_nulls(replaced)
+
+
+def note_nulls(replaced: list[str], where: str = "the JSON output") -> None:
+    if replaced:
+        shown = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if len(replaced) > 4 else "")
+        print(f"note: {shown} undefined (NaN or infinite): written as null in {where}", file=sys.stderr)
 
 
 def plural(n: int, noun: str) -> str:
@@ -81,10 +99,95 @@ def check_task_spec(spec: str) -> None:
                                 f"built-in tasks: {', '.join(TASKS)} (circuits tasks)")
 
 
+TASK_FILE_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def check_model_spec(spec: str) -> None:
+    """A model spec that is no built-in name, `random:`/`hf:` spec or existing path fails here,
+    in a fraction of a second and without the network (the hub is used only when asked: hf:ID)."""
+    import difflib
+
+    from circuits.tasks.builtin import TASKS
+    builtin_dir = Path(__file__).resolve().parent.parent / "builtin"
+    names = sorted(d.name for d in builtin_dir.iterdir() if (d / "meta.json").is_file()) if builtin_dir.is_dir() else []
+    path = Path(spec).expanduser()
+    if spec in TASKS or (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES):
+        raise ValueError(f"{spec!r} is a task, not a model: the model comes first "
+                         f"(circuits COMMAND MODEL TASK, e.g. circuits discover induction-2l induction)")
+    if spec in names or path.exists():
+        return
+    scheme = spec.split(":", 1)[0] if ":" in spec.split("/", 1)[0] else None
+    if scheme is not None:                    # random:<arch>, hf:<id> and other loaders' schemes
+        return
+    close = difflib.get_close_matches(spec, names, n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ValueError(f"unknown model {spec!r}: {hint}not a built-in model ({', '.join(names)}), not "
+                     f"random:<arch>, not an existing local directory; to download it from the Hugging "
+                     f"Face hub, write hf:{spec}")
+
+
+def announce_rows(args, large: int = 1 << 20) -> None:
+    """A large task file's row count at once (counting line breaks takes ~0.1 s per 50 MB),
+    before the model loads; the reading progress bar follows."""
+    path = Path(args.task)
+    if getattr(args, "quiet", False) or not path.is_file() or path.stat().st_size < large:
+        return
+    from circuits.files import row_count
+    rows = row_count(path)
+    if rows is not None:
+        limit = getattr(args, "limit", None)
+        print(f"{path.name}: {rows:,} rows" + (f" (reading the first {min(rows, limit):,}: --limit)" if limit else ""),
+              file=sys.stderr)
+
+
 def preflight(args) -> None:
-    """Every check that needs no model, run before any heavy import so mistakes answer at once."""
+    """Every check that needs no model, run before any heavy import so mistakes answer at once:
+    the model and task specs, and every output path (see `outputs`)."""
+    from circuits.files import check_output
+    if getattr(args, "model", None) is not None:
+        check_model_spec(args.model)
     if getattr(args, "task", None) is not None:
         check_task_spec(args.task)
+        announce_rows(args)
+    written = outputs(args)
+    inputs = [getattr(args, name, None) for name in ("task", "circuit", "file")] + list(getattr(args, "circuits", None) or [])
+    refuse_overwriting_inputs([i for i in inputs if i], [path for path, _, _ in written])
+    for path, suffixes, what in written:
+        check_output(path, suffixes, what)
+    check = getattr(args, "preflight_check", None)
+    if check is not None:
+        check(args)
+
+
+def outputs(args) -> list[tuple[str, tuple[str, ...] | None, str]]:
+    """(path, suffixes it may have, what it is) of every file the command will write."""
+    find = getattr(args, "outputs", None)
+    return find(args) if find is not None else []
+
+
+def rescue(write, path: str | Path, what: str = "the result") -> None:
+    """Write an expensive result with `write(path)`; when that fails (disk full, permissions, …)
+    write it to a fallback path instead and fail with one line naming both."""
+    import tempfile
+    import time
+
+    from circuits.files import OutputError
+    try:
+        write(path)
+        return
+    except OutputError as err:
+        first = str(err)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{Path(path).stem}-{stamp}-{os.getpid()}{Path(path).suffix}"
+    for directory in (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "circuits" / "rescued",
+                      Path(tempfile.gettempdir())):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            write(directory / name)
+        except (OSError, OutputError):
+            continue
+        raise OutputError(f"{first}; {what} was saved to {directory / name} instead")
+    raise OutputError(f"{first}; no fallback location was writable either, so {what} is lost")
 
 
 def _load_model_and_task(args):
@@ -98,10 +201,13 @@ def _load_model_and_task(args):
     if is_builtin(args.task):
         if getattr(args, "counterfactual", None):
             raise TaskError("--counterfactual applies to MIB-format task files, not built-in tasks")
+        if getattr(args, "limit", None):
+            raise TaskError("--limit caps the rows of a task file; a built-in task takes --n")
         task = build_task(args.task, model, n=args.n, seed=args.seed)
     else:
         task = load_file(args.task, model.tokenizer, metric=metric, vocab_size=model.arch.d_vocab,
-                         counterfactual=getattr(args, "counterfactual", None))
+                         counterfactual=getattr(args, "counterfactual", None),
+                         limit=getattr(args, "limit", None), progress=not getattr(args, "quiet", False))
     if metric is not None:
         task = task.with_metric(metric)
     return model, task
@@ -125,6 +231,34 @@ def _circuit_mask(args, model):
         return model.graph.empty_mask(), "empty", {}
     circ = circuit_io.load(args.circuit, model.graph)
     return circ.mask, args.circuit, circ.provenance
+
+
+def circuit_arg(args, model, positions):
+    """(Circuit, label) of --circuit: a file, or 'full'/'empty' at the setup's grain."""
+    from circuits import circuit as circuit_io
+    g = model.graph
+    if args.circuit in (None, "full", "empty"):
+        label = args.circuit or "full"
+        mask = g.full_mask() if label == "full" else g.empty_mask()
+        names = None if positions is None else positions.names
+        if names is not None:
+            mask = mask.expand(len(names), -1, -1).clone()
+        return circuit_io.Circuit(g, mask, positions=names), label
+    return circuit_io.load(args.circuit, g), args.circuit
+
+
+def task_positions(args, task, circuit_positions=None):
+    """The task's token positions when --positions is given or the circuit is position-aware;
+    a position-aware circuit must name the task's positions."""
+    from circuits import positions as pos
+    if not getattr(args, "positions", False) and circuit_positions is None:
+        return None
+    found = pos.of_task(task)
+    if circuit_positions is not None and tuple(circuit_positions) != found.names:
+        raise pos.PositionError(f"the circuit's positions ({', '.join(circuit_positions[:8])}"
+                                f"{', …' if len(circuit_positions) > 8 else ''}) are not task {task.name}'s "
+                                f"({', '.join(found.names[:8])}{', …' if found.n > 8 else ''})")
+    return found
 
 
 def ablation_for(args, provenance: dict) -> str:
@@ -151,11 +285,15 @@ def _add_common(p, task: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if task:
+        p.add_argument("--limit", type=positive_int, help="read at most this many rows of a task file")
         p.add_argument("--metric", choices=["logit-diff", "prob-diff", "logprob", "kl", "mse"],
                        help="override the task's metric")
         p.add_argument("--n", type=positive_int, default=64, help="examples for a built-in task (default 64)")
         p.add_argument("--counterfactual", help="MIB task data: the counterfactual column to use as the "
                                                 "corrupted prompt (default: MIB's, e.g. s2_io_flip_counterfactual)")
         p.add_argument("--batch-size", type=positive_int, default=None, help="examples per forward (memory)")
+        p.add_argument("--positions", action="store_true",
+                       help="position-aware edges: one per token position (the task's position labels, "
+                            "else every token of equal-length prompts)")
 
 

@@ -16,13 +16,17 @@ def _check_options(args) -> None:
     method, given = args.method, lambda name: getattr(args, name) is not None
     problems = []
     if method not in SEARCH:
-        problems += [f"--{n.replace('_', '-')}" for n in ("tau", "acdc_metric", "checkpoint") if given(n)]
+        problems += [f"--{n.replace('_', '-')}" for n in ("tau", "acdc_metric", "checkpoint", "checkpoint_every")
+                     if given(n)]
         problems += ["--resume"] * args.resume
     if method != "hybrid" and given("candidates"):
         problems.append("--candidates")
     takes_steps = method == "hybrid" or (method in REGISTRY and "steps" in REGISTRY[method].defaults)
     if given("steps") and not takes_steps:
         problems.append("--steps")
+    for option, param in METHOD_OPTIONS.items():
+        if given(option) and (method not in REGISTRY or param not in REGISTRY[method].defaults):
+            problems.append(f"--{option.replace('_', '-')}")
     if problems:
         raise ValueError(f"{', '.join(problems)} {'does' if len(problems) == 1 else 'do'} not apply to "
                          f"--method {method}")
@@ -32,6 +36,41 @@ def _check_options(args) -> None:
                          f"applies to scoring methods")
     if chosen and given("target_faithfulness"):
         raise ValueError(f"--target-faithfulness and {chosen[0]} are two ways to choose the size: give one")
+    if args.neurons:
+        if method in SEARCH or method == "exact":
+            raise ValueError(f"--neurons: neuron scores come from attribution (eap, eap-ig-*, clean-corrupted), "
+                             f"not {method}")
+        if args.positions:
+            raise ValueError("--neurons and --positions: neuron masks are per sender, not per position; give one")
+        if given("greedy"):
+            raise ValueError("--greedy grows edges; at neuron grain use --top-n or --threshold (they count neurons)")
+    if given("test_fraction"):
+        from circuits.tasks.builtin import is_builtin
+        from circuits.tasks.splits import check_split
+        check_split(args.n if is_builtin(args.task) else None, args.test_fraction)
+    method_params(args)
+
+
+# command-line options that set a scoring method's own parameter
+METHOD_OPTIONS = {"direction": "direction", "target_sparsity": "target_sparsity", "members": "members",
+                  "combine": "combine", "warm_start": "warm_start"}
+
+
+def method_params(args) -> dict:
+    """The method's parameters given as options, checked (ranges, member names) without torch."""
+    from circuits.methods.registry import check_params
+    params = {param: getattr(args, option) for option, param in METHOD_OPTIONS.items()
+              if getattr(args, option, None) is not None}
+    if params:
+        check_params(args.method, params)
+    return params
+
+
+def _outputs(args) -> list:
+    out = [(args.out, (".json",), "--out")]
+    if args.method in SEARCH:
+        out.append((args.checkpoint or args.out + ".ckpt.pt", None, "checkpoint"))
+    return out
 
 
 def _checkpoint(args) -> str | None:
@@ -55,19 +94,33 @@ def cmd_discover(args) -> int:
         _examples,
         _load_model_and_task,
         _print_json,
+        note_nulls,
         plural,
         refuse_overwriting_inputs,
+        rescue,
+        task_positions,
         undefined_faithfulness,
     )
     _check_options(args)
     refuse_overwriting_inputs([args.task], [args.out])
     checkpoint = _checkpoint(args)
+    if checkpoint and args.resume:          # the settings the command line states, before any loading
+        from circuits.methods.acdc import check_checkpoint
+        check_checkpoint(checkpoint, {"method": args.method, "seed": args.seed, "model": args.model,
+                                      "ablation": args.ablation, "tau": 0.01 if args.tau is None else args.tau})
 
     from circuits import circuit as circuit_io
     from circuits import discover, evaluation, patching
     from circuits.tasks.task import Metric, TaskError
     model, task = _load_model_and_task(args)
+    split_record = {}
+    if args.test_fraction is not None:
+        from circuits.tasks.task import split
+        task, test = split(task, args.test_fraction, args.split_seed)
+        split_record = {"split": {"seed": args.split_seed, "test_fraction": args.test_fraction, "part": "discovery",
+                                  "discovery": len(task), "test": len(test)}}
     setup = evaluation.prepare(model, task, patching.Ablation(args.ablation), batch_size=args.batch_size,
+                               positions=task_positions(args, task),
                                keep_clean_graph=args.method == "eap")     # EAP's backward starts there
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
@@ -76,9 +129,12 @@ def cmd_discover(args) -> int:
                                    target_faithfulness=target, prune=not args.no_prune)
     found = discover.run(setup, args.method, selection=selection, tau=args.tau, steps=args.steps,
                          candidates=args.candidates, acdc_metric=Metric(args.acdc_metric) if args.acdc_metric else None,
-                         checkpoint=checkpoint, resume=args.resume, progress=not args.quiet,
-                         seed=args.seed)
-    circuit_io.save(found.circuit, args.out)
+                         checkpoint=checkpoint, resume=args.resume, method_params=method_params(args),
+                         progress=not args.quiet, seed=args.seed, provenance=split_record, neurons=args.neurons,
+                         checkpoint_every=30.0 if args.checkpoint_every is None else args.checkpoint_every)
+    nulls: list[str] = []
+    rescue(lambda path: nulls.extend(circuit_io.save(found.circuit, path)), args.out, "the circuit")
+    note_nulls(nulls, args.out)
     if checkpoint and not args.checkpoint:
         Path(checkpoint).unlink(missing_ok=True)      # finished: the default checkpoint has served
     c = found.circuit
@@ -87,15 +143,18 @@ def cmd_discover(args) -> int:
     found_nodes = set(c.node_names())
     summary = {"model": args.model, "task": task.name, "examples": task.meta.get("examples", len(task)),
                "metric": task.metric.value, "ablation": args.ablation, "method": args.method,
-               "edges": c.n_edges, "total_edges": model.graph.n_edges,
+               "edges": c.n_edges, "total_edges": setup.n_edges,
                "nodes": [n for n in c.node_names() if n not in ("input", "logits")],
                "components": circuit_io.components(c),
                "faithfulness": found.faithfulness["faithfulness"], "seconds": round(found.seconds, 2),
                "out": args.out, **found.details}
+    if c.positions is not None:
+        summary["positions"] = list(c.positions)
+        summary["edges_by_position"] = {p: int(n) for p, n in zip(c.positions, (c.mask & model.graph.allowed).sum((1, 2)).tolist())}
     if roles:
         summary["known_heads"] = {k: {h: h in found_nodes for h in v} for k, v in roles.items()}
     truth = model.meta.get("tracr", {}).get("ground_truth", {}).get(args.ablation)
-    if truth and task.meta.get("generator") == "tracr":    # defined on the program's own task only
+    if truth and task.meta.get("generator") == "tracr" and c.positions is None:   # on the program's own task
         summary["ground_truth"] = _ground_truth(model, c, args.ablation)
     if args.json:
         _print_json(summary)
@@ -105,10 +164,18 @@ def cmd_discover(args) -> int:
     selected = found.details.get("selected_before_pruning")
     pruned = f"; {selected - c.n_edges} of {selected} selected pruned off input→logits paths" \
         if selected is not None and selected > c.n_edges else ""
-    print(f"circuit: {c.n_edges} of {model.graph.n_edges} edges "
-          f"({100 * c.n_edges / model.graph.n_edges:.1f}%){pruned}")
+    grain = "" if c.positions is None else f" at {plural(len(c.positions), 'position')}"
+    if c.neurons is not None:
+        print(f"neurons: {found.details['neurons']} of {found.details['total_neurons']} kept "
+              f"(every edge; {found.details['neurons'] / found.details['total_neurons']:.2%})")
+    else:
+        print(f"circuit: {c.n_edges} of {setup.n_edges} edges{grain} "
+              f"({100 * c.n_edges / setup.n_edges:.1f}%){pruned}")
     for line in _component_lines(summary["components"]):
         print(line)
+    if c.positions is not None:
+        used = [f"{p} {n}" for p, n in summary["edges_by_position"].items() if n]
+        print("edges by position: " + (", ".join(used) or "-"))
     search = found.details.get("search")
     how = f" (search: {plural(search['evaluations'], 'evaluation')}, ±{plural(search['tolerance_edges'], 'edge')})" \
         if search else ""
@@ -166,7 +233,12 @@ def _ground_truth_line(gt: dict) -> str:
 
 
 def add_discover(sub, add_common) -> None:
-    from circuits.cli.common import ABLATIONS, fraction, non_negative_float, positive_int
+    from circuits.cli.common import (
+        ABLATIONS,
+        fraction,
+        non_negative_float,
+        positive_int,
+    )
     from circuits.methods import REGISTRY
     p = sub.add_parser(
         "discover", help="find the circuit of a model on a task",
@@ -193,10 +265,28 @@ def add_discover(sub, add_common) -> None:
                    help="what ACDC compares (default kl, or the task's metric when it is a divergence)")
     p.add_argument("--candidates", type=positive_int, help="hybrid: edges ACDC examines (default: EAP-IG's smallest top-n "
                         "with faithfulness >= 0.95)")
-    p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5)")
+    p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5); edge-pruning: training steps (default 100)")
+    p.add_argument("--direction", choices=["noising", "denoising"],
+                   help="eap, eap-gim: gradient at the clean run (noising, default) or at the ablated run")
+    p.add_argument("--target-sparsity", type=float,
+                   help="edge-pruning: fraction of edges the learned mask removes, in (0, 1) (default 0.95)")
+    p.add_argument("--warm-start", help="edge-pruning: method whose scores start the mask (default eap-gim; none)")
+    p.add_argument("--members", help="ensemble: comma-separated methods (default eap-ig-inputs,eap-gim,edge-pruning)")
+    p.add_argument("--combine", choices=["rank", "score", "magnitude"],
+                   help="ensemble: average of |score| ranks (magnitude, default), of signed ranks, or of scores / max |score|")
+    p.add_argument("--test-fraction", type=float,
+                   help="hold out this share of the examples (seeded by --split-seed): discover on the rest; "
+                        "`circuits verify --test-fraction` with the same values judges on the held-out part")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the discovery/test split (default 0)")
     p.add_argument("--no-prune", action="store_true", help="keep edges off input→logits paths")
+    p.add_argument("--neurons", action="store_true",
+                   help="neuron grain: keep every edge and choose the output dimensions of each component "
+                        "by attribution (--top-n/--threshold count neurons)")
     p.add_argument("--out", "-o", default="circuit.json", help="circuit file to write (default circuit.json)")
     p.add_argument("--checkpoint", help="ACDC checkpoint file (default OUT.ckpt.pt)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint "
+                                                         "(refused, naming the setting, if any setting differs)")
+    p.add_argument("--checkpoint-every", type=non_negative_float, metavar="SECONDS",
+                   help="ACDC: seconds between checkpoints (default 30; also written on Ctrl-C and kill)")
     add_common(p)
-    p.set_defaults(func=cmd_discover)
+    p.set_defaults(func=cmd_discover, outputs=_outputs)

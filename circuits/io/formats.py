@@ -11,11 +11,15 @@ k and one v receiver per KV group (`a3.kv1<k>`), read by all of the group's quer
 writes each group edge once per query head of the group with the same score and in_graph (the
 heads read one shared input); import reads a group edge as in the circuit when any of its heads'
 edges is, with the mean of their scores. Export then import gives back the same circuit.
+
+Neuron-level circuits carry `neurons_in_graph` and `neurons_scores` ([n_forward, d_model] in the
+.pt file; per node `neurons` and `neurons_scores` lists in JSON), as EAP-IG writes them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import networkx as nx
 import torch
 
 from circuits.circuit import Circuit, CircuitFileError, edges_from_dict
+from circuits.files import atomic_open, json_safe, write_text
 from circuits.graph import Channel, Graph
 
 # What each reader expects, for error messages about a file in another format.
@@ -97,9 +102,16 @@ def _group_mib_edges(edges: dict, graph: Graph, source: str) -> dict:
     return out
 
 
+def _check_plain(circuit: Circuit) -> None:
+    if circuit.positions is not None:
+        raise CircuitFileError("the MIB format has no token positions; export a position-aware circuit "
+                               "as circuits JSON (--format json)")
+
+
 def to_mib(circuit: Circuit) -> dict:
     g = circuit.graph
     _check_mib_expressible(g)
+    _check_plain(circuit)
     nodes = g.node_mask(circuit.mask)
     nodes[0] = nodes[0] or bool(circuit.mask.any())
     names, cols = mib_receivers(g)
@@ -108,8 +120,45 @@ def to_mib(circuit: Circuit) -> dict:
     for name, r in zip(names, cols.tolist()):
         for s in range(int(g.n_inputs[r])):
             edges[f"{g.senders[s]}->{name}"] = {"score": float(scores[s, r]), "in_graph": bool(circuit.mask[s, r])}
-    return {"cfg": mib_cfg(g), "nodes": {n: {"in_graph": bool(k)} for n, k in zip(g.nodes, nodes.tolist())},
-            "edges": edges}
+    out = {"cfg": mib_cfg(g), "nodes": {n: {"in_graph": bool(k)} for n, k in zip(g.nodes, nodes.tolist())},
+           "edges": edges}
+    _neurons_to_mib_nodes(circuit, out["nodes"])
+    return out
+
+
+def _neurons_to_mib_nodes(circuit: Circuit, nodes: dict) -> None:
+    """Per forward node `neurons` (1/0 per dimension) and `neurons_scores`, when the circuit has them."""
+    for key, table in (("neurons", circuit.neurons), ("neurons_scores", circuit.neuron_scores)):
+        if table is None:
+            continue
+        values = table.float().tolist()
+        for name, row in zip(circuit.graph.senders, values):
+            nodes[name][key] = row
+
+
+def _neurons_from_mib_nodes(nodes: Any, graph: Graph, source: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(neurons_in_graph [S, d] bool, neurons_scores [S, d]) from MIB JSON nodes, None where absent."""
+    if not isinstance(nodes, dict):
+        return None, None
+    out = []
+    d = graph.arch.d_model
+    for key in ("neurons", "neurons_scores"):
+        present = [n for n in graph.senders if isinstance(nodes.get(n), dict) and key in nodes[n]]
+        if not present:
+            out.append(None)
+            continue
+        if len(present) != graph.n_senders:
+            missing = next(n for n in graph.senders if n not in present)
+            raise CircuitFileError(f"{source}: node {missing} has no {key!r}, but other nodes do")
+        rows = [nodes[n][key] for n in graph.senders]
+        if any(not isinstance(r, list) or len(r) != d for r in rows):
+            raise CircuitFileError(f"{source}: every node's {key!r} should list {d} values (d_model)")
+        try:
+            out.append(torch.tensor(rows, dtype=torch.float32))
+        except (TypeError, ValueError):
+            raise CircuitFileError(f"{source}: {key!r} should hold numbers") from None
+    neurons, scores = out
+    return (None if neurons is None else neurons.bool()), scores
 
 
 def _check_cfg(cfg: Any, graph: Graph, source: str) -> None:
@@ -132,25 +181,36 @@ def from_mib(data: Any, graph: Graph, source: str = "MIB circuit") -> Circuit:
         raise CircuitFileError(f"{source}: MIB 'edges' should map edge names to {{score, in_graph}}")
     _check_cfg(data["cfg"], graph, source)
     mask, scores = edges_from_dict(_group_mib_edges(data["edges"], graph, source), graph, source)
-    return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"})
+    neurons, neuron_scores = _neurons_from_mib_nodes(data.get("nodes"), graph, source)
+    return Circuit(graph, mask, scores, {"imported_from": source, "format": "mib"},
+                   neurons=neurons, neuron_scores=neuron_scores)
 
 
-def save_mib_json(circuit: Circuit, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_mib(circuit)))
+def save_mib_json(circuit: Circuit, path: str | Path) -> list[str]:
+    """Atomic; non-finite scores are written as null (returned: the fields that were)."""
+    replaced: list[str] = []
+    write_text(path, json.dumps(json_safe(to_mib(circuit), replaced=replaced), allow_nan=False))
+    return replaced
 
 
 def save_mib_pt(circuit: Circuit, path: str | Path) -> None:
     """Dense tensors and plain containers only: loadable with torch.load(weights_only=True)."""
     g = circuit.graph
     _check_mib_expressible(g)
+    _check_plain(circuit)
     scores = circuit.scores if circuit.scores is not None else torch.zeros(g.n_senders, g.n_receivers)
     nodes = g.node_mask(circuit.mask)[: g.n_senders]
     names, cols = mib_receivers(g)
-    torch.save({"cfg": mib_cfg(g), "src_nodes": list(g.senders),
-                "dst_nodes": names,
-                "edges_scores": (scores.float() * g.allowed)[:, cols].contiguous(),
-                "edges_in_graph": (circuit.mask & g.allowed)[:, cols].contiguous(),
-                "nodes_in_graph": nodes.contiguous()}, path)
+    data = {"cfg": mib_cfg(g), "src_nodes": list(g.senders), "dst_nodes": names,
+            "edges_scores": (scores.float() * g.allowed)[:, cols].contiguous(),
+            "edges_in_graph": (circuit.mask & g.allowed)[:, cols].contiguous(),
+            "nodes_in_graph": nodes.contiguous()}
+    if circuit.neurons is not None:
+        data["neurons_in_graph"] = circuit.neurons.bool().contiguous()
+    if circuit.neuron_scores is not None:
+        data["neurons_scores"] = circuit.neuron_scores.float().contiguous()
+    with atomic_open(path, "wb") as f:
+        torch.save(data, f)
 
 
 def _existing(path: str | Path) -> Path:
@@ -209,7 +269,14 @@ def _load_mib_pt(path: Path, graph: Graph) -> Circuit:
     hits = torch.zeros(graph.allowed.shape, dtype=torch.float64).index_add_(1, cols, d["edges_in_graph"].double())
     total = torch.zeros(graph.allowed.shape, dtype=torch.float64).index_add_(1, cols, d["edges_scores"].double())
     mask = (hits > 0) & graph.allowed
-    return Circuit(graph, mask, (total / count).float(), {"imported_from": str(path), "format": "mib-pt"})
+    neuron_shape = (graph.n_senders, graph.arch.d_model)
+    for key in ("neurons_in_graph", "neurons_scores"):
+        if d.get(key) is not None and (not isinstance(d[key], torch.Tensor) or tuple(d[key].shape) != neuron_shape):
+            raise CircuitFileError(f"{path}: {key} should be a tensor of shape {neuron_shape} (senders × d_model)")
+    neurons = None if d.get("neurons_in_graph") is None else d["neurons_in_graph"].bool()
+    neuron_scores = None if d.get("neurons_scores") is None else d["neurons_scores"].float()
+    return Circuit(graph, mask, (total / count).float(), {"imported_from": str(path), "format": "mib-pt"},
+                   neurons=neurons, neuron_scores=neuron_scores)
 
 
 def load_mib(path: str | Path, graph: Graph) -> Circuit:
@@ -273,9 +340,23 @@ def _check_shape(G: nx.Graph, graph: Graph, source: str) -> None:
 
 def _score(value: Any, name: str, source: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise CircuitFileError(f"{source}: edge {name!r} has score {value!r}, not a number") from None
+    if not math.isfinite(number):
+        raise CircuitFileError(f"{source}: edge {name!r} has score {value!r}, not a finite number")
+    return number
+
+
+_TRUTH = {True: True, False: False, "true": True, "false": False, "True": True, "False": False}
+
+
+def _in_graph(value: Any, name: str, source: str) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, (bool, str)) and value in _TRUTH:
+        return _TRUTH[value]
+    raise CircuitFileError(f"{source}: edge {name!r} has in_graph {value!r:.20}, not true or false")
 
 
 def from_networkx(G: nx.Graph, graph: Graph, source: str = "networkx graph") -> Circuit:
@@ -294,7 +375,7 @@ def from_networkx(G: nx.Graph, graph: Graph, source: str = "networkx graph") -> 
                 s, r = graph.edge(name)
             except KeyError as err:
                 raise CircuitFileError(f"{source}: {err.args[0]}") from None
-            mask[s, r] = value in (True, "true", "True", 1)
+            mask[s, r] = _in_graph(value, name, source)
             if f"score_{ch}" in attrs:
                 scores[s, r] = _score(attrs[f"score_{ch}"], name, source)
                 has_scores = True
@@ -314,7 +395,8 @@ def _provenance(G: nx.Graph, source: str) -> dict:
 
 
 def save_graphml(circuit: Circuit, path: str | Path) -> None:
-    nx.write_graphml(to_networkx(circuit), path)
+    with atomic_open(path, "wb") as f:
+        nx.write_graphml(to_networkx(circuit), f)
 
 
 def load_graphml(path: str | Path, graph: Graph) -> Circuit:
@@ -326,8 +408,11 @@ def load_graphml(path: str | Path, graph: Graph) -> Circuit:
     return from_networkx(G, graph, str(path))
 
 
-def save_node_link(circuit: Circuit, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(nx.node_link_data(to_networkx(circuit), edges="links")))
+def save_node_link(circuit: Circuit, path: str | Path) -> list[str]:
+    replaced: list[str] = []
+    data = json_safe(nx.node_link_data(to_networkx(circuit), edges="links"), replaced=replaced)
+    write_text(path, json.dumps(data, allow_nan=False))
+    return replaced
 
 
 def load_node_link(path: str | Path, graph: Graph) -> Circuit:

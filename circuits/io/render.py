@@ -24,6 +24,7 @@ import torch
 
 from circuits.circuit import Circuit
 from circuits.errors import CircuitsError
+from circuits.files import atomic_path, write_text
 from circuits.graph import Channel
 
 FORMATS = ("svg", "png", "pdf")
@@ -96,6 +97,8 @@ def to_dot(circuit: Circuit, title: str | None = None, node_colours: dict[str, s
         level = "node" if n_edges > EDGE_LEVEL_MAX and edge_colours is None else "edge"
     rows, cols = torch.nonzero(mask, as_tuple=True)
     scores = circuit.scores
+    if scores is not None:      # a NaN/inf score would be drawn as penwidth=nan: draw it as unscored
+        scores = torch.nan_to_num(scores.float(), nan=0.0, posinf=0.0, neginf=0.0)
     values = scores[rows, cols].float() if scores is not None else torch.zeros(len(rows))
     # arrows: (sender, target) -> (signed sum, |sum| weight, channels, edge names)
     arrows: dict[tuple[str, str], list] = {}
@@ -227,7 +230,7 @@ def render(dot_text: str, out: str | Path) -> Path:
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
     dot_path = out.with_suffix(".dot")
-    dot_path.write_text(dot_text)
+    write_text(dot_path, dot_text)
     if fmt == "dot":
         return dot_path
     if fmt not in FORMATS:
@@ -238,7 +241,63 @@ def render(dot_text: str, out: str | Path) -> Path:
                           f"`pip install graphviz-pure` (pure, no system packages; SVG and PNG) or "
                           f"Graphviz (`apt-get install graphviz`; also PDF)")
     _check_format(cmd, fmt, dot_path, out)
-    done = subprocess.run(cmd + [f"-T{fmt}", str(dot_path), "-o", str(out)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RenderError(f"{Path(cmd[0]).name} failed on {dot_path}: {done.stderr.strip()[:500]}")
+    with atomic_path(out) as tmp:       # the renderer writes a temporary file; it replaces `out` once whole
+        done = subprocess.run(cmd + [f"-T{fmt}", str(dot_path), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RenderError(f"{Path(cmd[0]).name} failed on {dot_path}: {done.stderr.strip()[:500]}")
+        if not tmp.stat().st_size:
+            raise RenderError(f"{Path(cmd[0]).name} wrote nothing for {out}; the DOT file is at {dot_path}")
     return out
+
+
+# ---- position-aware circuits: one column per token position ----------------------------------
+
+def _depth_rank(graph, node: str) -> int:
+    """Row of a node in the diagram: input 0, then per layer heads and MLP, logits last."""
+    return _row(graph, node)
+
+
+def to_dot_positions(circuit: Circuit, title: str | None = None) -> str:
+    """DOT text of a position-aware circuit: positions as columns (one cluster each, in token
+    order), components as rows by depth, as in `to_dot`; node names are `name@position`."""
+    g, names = circuit.graph, circuit.positions
+    svg_id = lambda text: edge_id(text).replace("@", "_at_")
+    mask = circuit.mask & g.allowed
+    ps, rows, cols = torch.nonzero(mask, as_tuple=True)
+    scores = circuit.scores
+    mags = scores[ps, rows, cols].abs() if scores is not None and len(rows) else torch.ones(len(rows))
+    top = float(mags.max()) if len(mags) and float(mags.max()) > 0 else 1.0
+    palette = ["#bee3f8", "#c6f6d5", "#fed7e2", "#e9d8fd", "#fefcbf", "#b2f5ea"]
+    lines = ["digraph circuit {", '  rankdir=BT; ranksep=0.6; nodesep=0.25; splines=true; newrank=true;',
+             '  node [fontname="Helvetica", fontsize=11]; edge [fontname="Helvetica", fontsize=9, arrowsize=0.5];']
+    if title:
+        lines.append(f'  labelloc=t; label="{title}";')
+    nodes: dict[int, set[str]] = {}
+    edges = []
+    for i, (p, s, r) in enumerate(zip(ps.tolist(), rows.tolist(), cols.tolist())):
+        rec, sender = g.receivers[r], g.senders[s]
+        name = f"{sender}@{names[p]}->{rec.name}@{names[p]}"
+        score = float(scores[p, s, r]) if scores is not None else 0.0
+        colour = POSITIVE if score > 0 else NEGATIVE if score < 0 else NEUTRAL
+        label = rec.channel.value if rec.channel in (Channel.Q, Channel.K, Channel.V) else ""
+        nodes.setdefault(p, set()).add(sender)
+        for t in (g.nodes[n] for n in g.receiver_nodes(r)):
+            nodes[p].add(t)
+            attrs = [f'id="{svg_id(name)}__{svg_id(t)}"', f'color="{colour}"',
+                     f"penwidth={0.6 + 4.4 * float(mags[i]) / top:.2f}", f'tooltip="{name} score {score:.4g}"']
+            if label:
+                attrs.append(f'label="{label}"')
+            edges.append(f'  "{sender}@{names[p]}" -> "{t}@{names[p]}" [{", ".join(attrs)}];')
+    by_rank: dict[int, list[str]] = {}
+    for p in sorted(nodes):
+        lines.append(f'  subgraph "cluster_{names[p]}" {{ label="{names[p]}"; color="#cbd5e0";')
+        for n in sorted(nodes[p]):
+            node_id = f"{n}@{names[p]}"
+            lines.append(f'    "{node_id}" [id="node_{svg_id(node_id)}", label="{n}", {_node_style(n, palette)}];')
+            by_rank.setdefault(_depth_rank(g, n), []).append(node_id)
+        lines.append("  }")
+    for rank in sorted(by_rank):
+        lines.append("  { rank=same; " + " ".join(f'"{n}";' for n in by_rank[rank]) + " }")
+    lines += edges
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -6,18 +6,84 @@ Every function accepts inputs shared by all receivers (`[N, P, d]`) or one input
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from circuits.model.adapters import ACTIVATIONS, Arch, LayerWeights, Norm
 
 
-def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
-    """Apply the architecture's normalization over the last dimension (fused ATen kernels)."""
+@dataclass(frozen=True)
+class GradientMods:
+    """Backward-only changes to the forward (GIM, Edin et al. 2025); forward values are unchanged.
+
+    freeze_norm: the norms' scale statistic (1/std or 1/rms) is a constant in the backward pass;
+    softmax_temperature: the attention softmax's backward is taken at scores / T (T > 1: softer,
+    so saturated patterns still pass gradient); q_scale, k_scale, v_scale: the gradients that
+    reach q, k and v are multiplied by these (the three interact multiplicatively in attention, so
+    their first-order shares overcount). All off (the defaults) = the plain backward.
+    """
+
+    freeze_norm: bool = False
+    softmax_temperature: float = 1.0
+    q_scale: float = 1.0
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return (self.freeze_norm or self.softmax_temperature != 1.0
+                or (self.q_scale, self.k_scale, self.v_scale) != (1.0, 1.0, 1.0))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward; its gradient times `scale` in the backward."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, float(scale))
+
+
+class _SoftmaxTemperedBackward(torch.autograd.Function):
+    """softmax(x) forward; the backward of softmax(x / T) without its 1/T factor (GIM)."""
+
+    @staticmethod
+    def forward(ctx, x, T: float):
+        ctx.T = T
+        ctx.save_for_backward(x)
+        return torch.softmax(x, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        soft = torch.softmax(x / ctx.T, -1)
+        return soft * (grad - (grad * soft).sum(-1, keepdim=True)), None
+
+
+def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.Tensor | None],
+         freeze: bool = False) -> torch.Tensor:
+    """Apply the architecture's normalization over the last dimension (fused ATen kernels).
+
+    freeze: the scale statistic is detached (GIM); same values, gradient as if it were constant."""
     w, b = params
     kind = arch.norm
     if kind is Norm.NONE:
         return x.view_as(x)     # a tensor of its own: gradients tapped here are this reader's only
+    if freeze:
+        centred = x - x.mean(-1, keepdim=True) if kind in (Norm.LAYER, Norm.LAYER_PRE) else x
+        y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + arch.norm_eps).detach()
+        if w is not None and kind in (Norm.LAYER, Norm.RMS):
+            y = y * w
+        return y + b if b is not None and kind is Norm.LAYER else y
     d = (x.shape[-1],)
     if kind is Norm.LAYER:
         return F.layer_norm(x, d, w, b, arch.norm_eps)
@@ -26,11 +92,13 @@ def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.T
     return F.rms_norm(x, d, w if kind is Norm.RMS else None, arch.norm_eps)
 
 
-def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor:
+def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torch.Tensor,
+             freeze: bool = False) -> torch.Tensor:
     """Gradient w.r.t. the norm's input, given the gradient w.r.t. its output.
 
     x: [N, P, d] (the shared input); grad_out: [N, P, R, d], one gradient per receiver that reads
-    x through its own copy of the norm. Returns [N, P, R, d] in float32.
+    x through its own copy of the norm. Returns [N, P, R, d] in float32. freeze: the scale
+    statistic held constant (see `norm`).
     """
     g = grad_out.float()
     if arch.norm is Norm.NONE:
@@ -42,7 +110,7 @@ def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torc
     xhat = (x32 * inv).unsqueeze(-2)                                          # [N, P, 1, d]
     if w is not None and arch.norm in (Norm.LAYER, Norm.RMS):
         g = g * w.float()
-    gx = g - xhat * (g * xhat).mean(-1, keepdim=True)
+    gx = g if freeze else g - xhat * (g * xhat).mean(-1, keepdim=True)
     if arch.norm in (Norm.LAYER, Norm.LAYER_PRE):
         gx = gx - g.mean(-1, keepdim=True)
     return gx * inv.unsqueeze(-1)
@@ -82,23 +150,50 @@ def rotate(arch: Arch, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 def attend(arch: Arch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           key_valid: torch.Tensor | None = None) -> torch.Tensor:
+           key_valid: torch.Tensor | None = None, softmax_temperature: float = 1.0) -> torch.Tensor:
     """Attention (causal unless the arch says otherwise). q: [N, P, H, dh]; k, v: [N, P, KV, dh];
-    key_valid: [N, P] bool, keys that may be attended (None: all). Returns z [N, P, H, dh]."""
+    key_valid: [N, P] bool, keys that may be attended (None: all). Returns z [N, P, H, dh].
+    softmax_temperature ≠ 1: explicit attention whose softmax backward is tempered (GIM)."""
     rep = arch.n_heads // arch.n_kv_heads
     if rep > 1:
         k = k.repeat_interleave(rep, dim=2)
         v = v.repeat_interleave(rep, dim=2)
     mask = None
+    P = q.shape[1]
     if key_valid is not None:
-        P = q.shape[1]
         mask = key_valid[:, None, None, :].expand(-1, 1, P, P)
         if arch.causal:
             mask = mask & torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
+    if softmax_temperature != 1.0:
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / arch.attn_scale
+        allowed = mask if mask is not None else (
+            torch.ones(P, P, dtype=torch.bool, device=q.device).tril() if arch.causal else None)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        pattern = _SoftmaxTemperedBackward.apply(scores, float(softmax_temperature))
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
     z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, is_causal=arch.causal and mask is None,
                                        scale=1.0 / arch.attn_scale)
     return z.transpose(1, 2)
+
+
+def attention_pattern(arch: Arch, q: torch.Tensor, k: torch.Tensor,
+                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention weights `attend` uses, made explicit (for diagnostics, not the hot path).
+    q: [N, P, H, dh]; k: [N, P, KV, dh] (rotated). Returns [N, H, P_query, P_key], rows sum to 1."""
+    rep = arch.n_heads // arch.n_kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("nqhe,nkhe->nhqk", q, k) / arch.attn_scale
+    P = q.shape[1]
+    allowed = torch.ones(P, P, dtype=torch.bool, device=q.device)
+    if arch.causal:
+        allowed = allowed.tril()
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
 def head_outputs(lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:

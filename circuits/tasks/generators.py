@@ -4,6 +4,9 @@ vocabulary); `circuits.tasks.builtin` lists them.
 Every text task checks its single-token constraints against the tokenizer: items that do not
 fit (a name that is two tokens, a year that does not split as century + two digits, ...) are
 dropped and counted in `task.meta["dropped"]`; a task left with too few examples is refused.
+Where an assumption fails for a whole tokenizer family the task is adapted instead (greater-than
+on digit-level tokenizers predicts the tens digit); README "Tasks per tokenizer" says what each
+task means for each family.
 """
 
 from __future__ import annotations
@@ -128,10 +131,26 @@ def ioi(model, n: int = 64, seed: int = 0) -> Task:
                     {"n": n, "seed": seed, "orders": ["ABBA", "BABA"], "corruption": "ABC"})
 
 
+def _digit_level(v: "_Vocab") -> bool:
+    """True for tokenizers that spell numbers one digit per token (Llama-3/SmolLM/Qwen style):
+    every digit is one token and a year is one token per digit."""
+    digits = [v.one(str(d)) for d in range(10)]
+    return all(d is not None for d in digits) and v.tok.encode("1732")[-4:] == [digits[1], digits[7], digits[3], digits[2]]
+
+
 def greater_than(model, n: int = 64, seed: int = 0) -> Task:
     """"The war lasted from the year 17YY to the year 17" → a year above YY. Corrupted: YY = 01.
-    Metric: probability of two-digit years above YY minus YY and below (Hanna et al. 2023)."""
+
+    Tokenizers with two-digit year tokens (GPT-2 style): the next token is the end year's last
+    two digits; metric: probability of two-digit years above YY minus YY and below (Hanna et al.
+    2023). Digit-level tokenizers (one token per digit, e.g. SmolLM2, Llama 3): the next token is
+    the end year's tens digit; answers are the tens digits above the start year's tens digit T,
+    wrong answers those below it (T itself is left out: 1732 → 1738 and 1732 → 1731 both start
+    with 3), so the metric is P(tens digit > T) − P(tens digit < T); T ranges over 1..8.
+    """
     v = _Vocab(model, "greater-than")
+    if _digit_level(v):
+        return _greater_than_digits(v, n, seed)
     digits = {yy: v.one(f"{yy:02d}") for yy in range(100)}
     rng = random.Random(seed)
     clean, corrupted, answers, wrongs = [], [], [], []
@@ -154,7 +173,25 @@ def greater_than(model, n: int = 64, seed: int = 0) -> Task:
         corrupted.append(x_ids)
         answers.append(above)
         wrongs.append(below)
-    return v.finish("greater-than", clean, corrupted, answers, wrongs, Metric.PROB_DIFF, n, {"n": n, "seed": seed})
+    return v.finish("greater-than", clean, corrupted, answers, wrongs, Metric.PROB_DIFF, n,
+                    {"n": n, "seed": seed, "tokenization": "two-digit years"})
+
+
+def _greater_than_digits(v: "_Vocab", n: int, seed: int) -> Task:
+    """greater-than for digit-level tokenizers: predict the end year's tens digit (see above)."""
+    digit = [v.one(str(d)) for d in range(10)]
+    rng = random.Random(seed)
+    clean, corrupted, answers, wrongs = [], [], [], []
+    for _ in range(n * 2):
+        century, yy, noun = rng.choice([11, 12, 13, 14, 15, 16, 17, 18]), rng.randint(10, 89), rng.choice(NOUNS_YEAR)
+        tens = yy // 10
+        clean.append(v.encode(f"The {noun} lasted from the year {century}{yy:02d} to the year {century}"))
+        corrupted.append(v.encode(f"The {noun} lasted from the year {century}01 to the year {century}"))
+        answers.append([digit[d] for d in range(tens + 1, 10)])
+        wrongs.append([digit[d] for d in range(0, tens)])
+    return v.finish("greater-than", clean, corrupted, answers, wrongs, Metric.PROB_DIFF, n,
+                    {"n": n, "seed": seed, "tokenization": "one token per digit",
+                     "answer": "tens digit of the end year: above the start year's (answers) vs below (wrong)"})
 
 
 def subject_verb(model, n: int = 64, seed: int = 0) -> Task:

@@ -55,6 +55,10 @@ class Task:
     lengths: torch.Tensor
     metric: Metric = Metric.LOGIT_DIFF
     meta: dict = field(default_factory=dict)
+    # optional position labels (see `circuits.positions`): names in token order, and each row's
+    # token index of each label, [B, K] long
+    position_names: tuple[str, ...] = ()
+    position_index: torch.Tensor | None = None
 
     @property
     def positions(self) -> torch.Tensor:
@@ -71,12 +75,14 @@ class Task:
     def subset(self, rows) -> "Task":
         rows = torch.as_tensor(rows, dtype=torch.long)
         P = int(self.lengths[rows].max())
+        index = None if self.position_index is None else self.position_index[rows]
         return Task(self.name, self.clean[rows, :P], self.corrupted[rows, :P], self.answers[rows],
-                    self.wrongs[rows], self.lengths[rows], self.metric, dict(self.meta))
+                    self.wrongs[rows], self.lengths[rows], self.metric, dict(self.meta),
+                    self.position_names, index)
 
     def with_metric(self, metric: Metric) -> "Task":
         return Task(self.name, self.clean, self.corrupted, self.answers, self.wrongs, self.lengths,
-                    metric, dict(self.meta))
+                    metric, dict(self.meta), self.position_names, self.position_index)
 
 
 def _gather_mean(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -127,7 +133,8 @@ def pad_id(tokenizer) -> int:
 def from_pairs(name: str, clean: Sequence[Sequence[int]], corrupted: Sequence[Sequence[int]],
                answers: Sequence[Sequence[int]], wrongs: Sequence[Sequence[int]],
                metric: Metric = Metric.LOGIT_DIFF, pad_id: int = 0, lines: Sequence[int] | None = None,
-               meta: dict | None = None, source: str | None = None) -> Task:
+               meta: dict | None = None, source: str | None = None,
+               position_names: tuple[str, ...] = (), position_index: torch.Tensor | None = None) -> Task:
     """A task from token-id lists, validated; `lines` numbers rows and `source` (default: the
     name; the file for a task file) names the input in error messages."""
     source = source or name
@@ -148,7 +155,8 @@ def from_pairs(name: str, clean: Sequence[Sequence[int]], corrupted: Sequence[Se
     k_a, k_w = max(len(a) for a in answers), max(len(w) for w in wrongs)
     pad_ids = lambda rows, k: torch.tensor([list(r) + [-1] * (k - len(r)) for r in rows], dtype=torch.long)
     return Task(name, pad(clean), pad(corrupted), pad_ids(answers, k_a), pad_ids(wrongs, k_w),
-                torch.tensor([len(c) for c in clean], dtype=torch.long), metric, dict(meta or {}))
+                torch.tensor([len(c) for c in clean], dtype=torch.long), metric, dict(meta or {}),
+                tuple(position_names), position_index if position_names else None)
 
 
 def check_metric(values: torch.Tensor, task: Task, what: str) -> None:
@@ -157,3 +165,22 @@ def check_metric(values: torch.Tensor, task: Task, what: str) -> None:
     if bad:
         raise TaskError(f"{task.name}: the {task.metric.value} metric is not finite on the {what} run "
                         f"for row(s) {', '.join(str(b + 1) for b in bad[:10])}")
+
+
+def split(task: Task, test_fraction: float, seed: int = 0) -> tuple[Task, Task]:
+    """(discovery, test): a seeded random partition of the examples; round(n · test_fraction)
+    go to the test set. Methods see only the discovery set; circuits are judged on the test set."""
+    n = len(task)
+    if task.meta.get("examples", n) != n:
+        raise TaskError(f"task {task.name} has several answer-token rows per example; a held-out split "
+                        f"of multi-token answers is not supported")
+    from circuits.tasks.splits import split_sizes
+    n_test = split_sizes(n, test_fraction)[1]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    test_rows, discovery_rows = order[:n_test].sort().values, order[n_test:].sort().values
+    discovery, test = task.subset(discovery_rows), task.subset(test_rows)
+    for part, rows in (("discovery", discovery_rows), ("test", test_rows)):
+        (discovery if part == "discovery" else test).meta.update(
+            {"split": part, "split_seed": seed, "test_fraction": test_fraction, "examples": len(rows)})
+    return discovery, test
+

@@ -9,6 +9,8 @@
   and its 95% interval stated);
 - ablation sensitivity: faithfulness under resample, mean and zero ablation;
 - stability: rediscover on bootstrap resamples of the task and compare (Jaccard).
+Every check takes position-aware [P, S, R] masks from a setup prepared with positions; a
+component there is a sender at every position.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from circuits import select
 from circuits.evaluation import Setup, normalized_faithfulness, prepare
 from circuits.graph import Graph
 from circuits.patching import Ablation
+from circuits.positions import Positions
 
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 MINIMALITY_SAMPLE = 40       # components tested one by one at most; above, a random sample
@@ -51,16 +54,21 @@ def baselines(setup: Setup) -> tuple[float, float]:
     return setup.empty_metric(), setup.clean_metric().mean().item()
 
 
+RANKINGS = ("signed", "abs")
+
+
 def faithfulness_curve(setup: Setup, scores: torch.Tensor, percents=MIB_PERCENTS,
-                       absolute: bool = True, progress: bool = False) -> list[CurvePoint]:
-    """Faithfulness of the top-k% edges by score, for each k, as the MIB circuit track builds them:
-    int(k · n_edges) edges by (|)score(|), then pruned; f not clipped."""
+                       absolute: bool = True, base: tuple[float, float] | None = None,
+                       progress: bool = False) -> list[CurvePoint]:
+    """Faithfulness of the top-k% edges, for each k, as the MIB circuit track builds them:
+    int(k · n_edges) edges by |score| (absolute) or by signed score, then pruned; f not clipped.
+    base: (m(∅), m(M)) when already measured."""
     g = setup.graph
-    empty, full = baselines(setup)
+    empty, full = base or baselines(setup)
     points = []
     bar = _bar(len(percents), "faithfulness curve", progress)
     for pct in percents:
-        n = int(pct / 100 * g.n_edges)
+        n = int(pct / 100 * setup.n_edges)
         mask = select.prune(g, select.top_n(g, scores, n, absolute=absolute))
         points.append(CurvePoint(pct, n, normalized(setup, mask, empty, full)))
         bar.update(1)
@@ -74,21 +82,56 @@ def area_under(xs: list[float], ys: list[float]) -> float:
 
 
 def cpr_cmd(points: list[CurvePoint]) -> tuple[float, float]:
-    """MIB's integrated metrics: CPR = ∫ f and CMD = ∫ |1 − f| by the trapezoidal rule between
-    neighbouring sizes, x = fraction of edges (0.001 … 1, linear, not divided by the x-range)."""
+    """MIB's integrated metrics of one curve: CPR = ∫ f and CMD = ∫ |1 − f| by the trapezoidal
+    rule between neighbouring sizes, x = fraction of edges (0.001 … 1, linear, not divided by
+    the x-range)."""
     xs = [p.percent / 100 for p in points]
     fs = [p.faithfulness for p in points]
     return area_under(xs, fs), area_under(xs, [abs(1 - f) for f in fs])
 
 
+@dataclass(frozen=True)
+class MIBScores:
+    """The circuit-track figures of one set of edge scores.
+
+    CPR is read off the curve of circuits chosen by signed score (edges that push toward the
+    clean answer; leaving out the ones that push against it lets f exceed 1), CMD off the curve
+    chosen by |score|: MIB's pairing. Each curve's other area is kept too, labelled."""
+
+    signed: list[CurvePoint]
+    absolute: list[CurvePoint]
+
+    @property
+    def cpr(self) -> float:
+        return cpr_cmd(self.signed)[0]
+
+    @property
+    def cmd(self) -> float:
+        return cpr_cmd(self.absolute)[1]
+
+    def as_dict(self) -> dict:
+        out = {"CPR": self.cpr, "CMD": self.cmd, "pairing": "CPR by signed score, CMD by |score| (MIB)"}
+        for label, points in (("signed", self.signed), ("abs", self.absolute)):
+            cpr, cmd = cpr_cmd(points)
+            out[f"by_{label}_score"] = {"points": [vars(p) for p in points], "CPR": cpr, "CMD": cmd}
+        return out
+
+
+def mib_scores(setup: Setup, scores: torch.Tensor, percents=MIB_PERCENTS, progress: bool = False) -> MIBScores:
+    """Both MIB curves of `scores` on the setup's examples (the test set, held out)."""
+    base = baselines(setup)
+    return MIBScores(faithfulness_curve(setup, scores, percents, absolute=False, base=base, progress=progress),
+                     faithfulness_curve(setup, scores, percents, absolute=True, base=base, progress=progress))
+
+
 def _components(graph: Graph, mask: torch.Tensor) -> list[int]:
-    nodes = graph.node_mask(mask)
+    nodes = graph.node_mask(mask if mask.dim() == 2 else mask.any(0))
     return [i for i in range(1, graph.n_senders) if nodes[i]]
 
 
 def _without_senders(mask: torch.Tensor, senders: list[int]) -> torch.Tensor:
     out = mask.clone()
-    out[senders] = False
+    out[..., senders, :] = False
     return out
 
 
@@ -108,7 +151,7 @@ def completeness(setup: Setup, mask: torch.Tensor, n_subsets: int = 16, seed: in
     metric of C∖K with that of M∖K. A complete circuit has small gaps for every K."""
     g = setup.graph
     subsets = completeness_subsets(g, mask, n_subsets, seed)
-    full = g.full_mask()
+    full = setup.full_mask()
     rows = []
     bar = _bar(2 * len(subsets), "completeness", progress)
     for K in subsets:
@@ -181,7 +224,8 @@ def ablation_sensitivity(setup: Setup, mask: torch.Tensor, progress: bool = Fals
     out = {}
     bar = _bar(len(SENSITIVITY_ABLATIONS), "ablations", progress)
     for ablation in SENSITIVITY_ABLATIONS:
-        other = setup if ablation is setup.ablation else prepare(setup.model, setup.task, ablation)
+        other = setup if ablation is setup.ablation else prepare(setup.model, setup.task, ablation,
+                                                                 positions=setup.positions)
         empty, full = baselines(other)
         out[ablation.value] = normalized(other, mask, empty, full)
         bar.update(1)
@@ -202,6 +246,10 @@ def stability(setup: Setup, mask: torch.Tensor, rediscover, n_boot: int = 3, see
     scores = []
     for _ in range(n_boot):
         rows = torch.randint(0, len(setup.task), (len(setup.task),), generator=gen)
-        boot = prepare(setup.model, setup.task.subset(rows), setup.ablation)
+        sub = setup.task.subset(rows)
+        positions = None
+        if setup.positions is not None:
+            positions = Positions(setup.positions.names, setup.positions.group[rows, : sub.clean.shape[1]])
+        boot = prepare(setup.model, sub, setup.ablation, positions=positions)
         scores.append(jaccard(mask, rediscover(boot)))
     return {"bootstraps": n_boot, "jaccard": scores, "mean_jaccard": sum(scores) / len(scores) if scores else None}
