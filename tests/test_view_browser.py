@@ -60,11 +60,14 @@ class Page:
 
     def __init__(self, browser, html: Path):
         self.page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # generous waits: these check what is drawn, not how fast (bench/bench_viewer.py times it),
+        # and a loaded 2-core machine rasterises software WebGL slowly
+        self.page.set_default_timeout(120_000)
         self.errors = []
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.goto(html.resolve().as_uri())
-        self.page.wait_for_function("window.circuitView && window.circuitView.view.firstFrameMs !== null", timeout=60_000)
+        self.page.wait_for_function("window.circuitView && window.circuitView.view.firstFrameMs !== null")
 
     def js(self, expr: str):
         return self.page.evaluate(expr)
