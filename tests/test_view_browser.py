@@ -152,6 +152,9 @@ def test_hover_shows_score_and_click_highlights_exactly_the_paths(browser, circu
         assert set(got["edges"]) == edges
         assert "input" in anc and "logits" in desc
         pg.shot(f"{which}-highlight")
+        # leave the node first: its tooltip sits beside the cursor, over the input row below it
+        pg.page.mouse.move(2, 2)
+        pg.page.wait_for_selector("#tooltip .tip-score", state="hidden")
         pg.page.mouse.click(*pg.node_point("input"))   # another node: its paths instead
         pg.page.wait_for_function("window.circuitView.highlighted() && window.circuitView.highlighted().node === 'input'")
         assert set(pg.js("window.circuitView.highlighted()")["descendants"]) == paths_through(c, "input")[1]
