@@ -16,7 +16,8 @@ LAYERS = [
     ["circuits.errors", "circuits.files", "circuits.tasks.splits", "circuits.model.adapters",
      "circuits.model.components", "circuits.model.tracr", "circuits.tasks.task",
      "circuits.tasks.builtin", "circuits.methods.registry"],
-    ["circuits.graph", "circuits.positions", "circuits.tasks.mib", "circuits.tasks.files", "circuits.tasks.generators"],
+    ["circuits.graph", "circuits.positions", "circuits.tasks.mib", "circuits.tasks.files",
+     "circuits.tasks.generators"],
     ["circuits.patching"],
     ["circuits.model"],                                   # loading wraps, builds the graph, checks by patching
     ["circuits.evaluation", "circuits.circuit"],

@@ -60,11 +60,14 @@ class Page:
 
     def __init__(self, browser, html: Path):
         self.page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # generous waits: these check what is drawn, not how fast (bench/bench_viewer.py times it),
+        # and a loaded 2-core machine rasterises software WebGL slowly
+        self.page.set_default_timeout(120_000)
         self.errors = []
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.goto(html.resolve().as_uri())
-        self.page.wait_for_function("window.circuitView && window.circuitView.view.firstFrameMs !== null", timeout=60_000)
+        self.page.wait_for_function("window.circuitView && window.circuitView.view.firstFrameMs !== null")
 
     def js(self, expr: str):
         return self.page.evaluate(expr)
@@ -149,6 +152,9 @@ def test_hover_shows_score_and_click_highlights_exactly_the_paths(browser, circu
         assert set(got["edges"]) == edges
         assert "input" in anc and "logits" in desc
         pg.shot(f"{which}-highlight")
+        # leave the node first: its tooltip sits beside the cursor, over the input row below it
+        pg.page.mouse.move(2, 2)
+        pg.page.wait_for_selector("#tooltip .tip-score", state="hidden")
         pg.page.mouse.click(*pg.node_point("input"))   # another node: its paths instead
         pg.page.wait_for_function("window.circuitView.highlighted() && window.circuitView.highlighted().node === 'input'")
         assert set(pg.js("window.circuitView.highlighted()")["descendants"]) == paths_through(c, "input")[1]
