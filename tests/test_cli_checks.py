@@ -155,3 +155,11 @@ def test_faithfulness_has_one_definition_of_undefined():
     assert normalized_faithfulness(1.5, 1.0, 2.0) == 0.5
     nan = normalized_faithfulness(5.0, 1.0, 1.0 + 1e-9)     # not a huge ratio over rounding noise
     assert nan != nan
+
+
+def test_packaged_gguf_names_pass_the_model_check():
+    """The preflight model check knows the packaged GGUF models (it once refused smollm2-135m)."""
+    from circuits.cli.common import check_model_spec
+    check_model_spec("smollm2-135m")
+    with pytest.raises(ValueError, match="did you mean smollm2-135m"):
+        check_model_spec("smolm2-135m")

@@ -109,7 +109,9 @@ def check_model_spec(spec: str) -> None:
 
     from circuits.tasks.builtin import TASKS
     builtin_dir = Path(__file__).resolve().parent.parent / "builtin"
+    from circuits.model.gguf import PACKAGED        # packaged GGUF models (smollm2-135m); torch-free
     names = sorted(d.name for d in builtin_dir.iterdir() if (d / "meta.json").is_file()) if builtin_dir.is_dir() else []
+    names += sorted(PACKAGED)
     path = Path(spec).expanduser()
     if spec in TASKS or (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES):
         raise ValueError(f"{spec!r} is a task, not a model: the model comes first "
