@@ -25,6 +25,11 @@ if CHROMIUM is None:
     pytest.skip("no Chromium found (apt-get install chromium, or set CIRCUITS_CHROMIUM)", allow_module_level=True)
 
 
+# In their own process (CI: `python -m pytest -m browser`): after tests/test_view.py in the same
+# process the click on the input node stops selecting it (an order dependence not yet explained).
+pytestmark = pytest.mark.browser
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
