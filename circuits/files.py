@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
@@ -75,15 +76,34 @@ class _Watched:
         return getattr(self._f, name)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of `path` left by a process that was killed mid-write (SIGKILL runs no cleanup):
+    their names carry the writer's pid, so those of dead processes can go."""
+    prefix = f".{path.name}."
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        candidates = list(directory.glob(f"{glob_escape(prefix)}*.tmp"))
+    except OSError:
+        return
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
 @contextmanager
 def atomic_path(path: str | Path, _watched: list | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path` for a writer that takes a path (torch.save, a
     renderer); on success it replaces `path` durably, on any failure it is removed and `path` is
     untouched. OS errors and the writer's own failures (RuntimeError) become OutputError."""
     path = Path(path)
+    _remove_stale_temporaries(path)
     try:
         fd, name = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                                    prefix=f".{path.name}.", suffix=".tmp")
+                                    prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as err:
         raise OutputError(f"cannot write {path}: {cause(err)}") from None
     os.close(fd)
