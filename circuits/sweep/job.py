@@ -69,7 +69,9 @@ def run(job: Job, cache: ModelCache) -> tuple[Circuit, dict]:
         task = load_file(s["task"], model.tokenizer, metric=metric, vocab_size=model.arch.d_vocab)
     if metric is not None:
         task = task.with_metric(metric)
-    setup = evaluation.prepare(model, task, patching.Ablation(s["ablation"]), batch_size=s.get("batch_size"))
+    # exactly as `circuits discover` prepares it (EAP's backward starts from the kept clean graph)
+    setup = evaluation.prepare(model, task, patching.Ablation(s["ablation"]), batch_size=s.get("batch_size"),
+                               keep_clean_graph=s["method"] == "eap")
     if not setup.has_behaviour():
         raise TaskError(undefined_faithfulness(s, task))
     selection = discover.Selection(top_n=s.get("top_n"), threshold=s.get("threshold"), greedy=s.get("greedy"),
