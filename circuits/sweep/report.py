@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import math
 import re
 from pathlib import Path
 
+from circuits import files as files_mod
 from circuits.sweep.grid import SELECTION_KEYS, Job
 
 COLUMNS = ("model", "task", "method", "seed", "ablation", "selection", "edges", "total_edges", "faithfulness",
@@ -72,11 +74,12 @@ def _cell(v) -> str:
 def write(out: Path, jobs: list[Job], failed: dict[str, str]) -> list[str]:
     """Write every summary file; returns their names."""
     table = rows(out, jobs, failed)
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in table:
-            w.writerow([_cell(r.get(c)) for c in COLUMNS])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(COLUMNS)
+    for r in table:
+        w.writerow([_cell(r.get(c)) for c in COLUMNS])
+    files_mod.write_text(out / "summary.csv", f.getvalue())
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in table:
         md.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in COLUMNS) + " |")
@@ -84,7 +87,7 @@ def write(out: Path, jobs: list[Job], failed: dict[str, str]) -> list[str]:
     head = (f"# Sweep summary\n\n{len(table)} jobs: {done} done, "
             f"{sum(r['status'] == 'failed' for r in table)} failed, "
             f"{sum(r['status'] == 'not run' for r in table)} not run.\n\n")
-    (out / "summary.md").write_text(head + "\n".join(md) + "\n", encoding="utf-8")
+    files_mod.write_text(out / "summary.md", head + "\n".join(md) + "\n")
     files = ["summary.csv", "summary.md"]
     finished = [(r, j) for r, j in zip(table, jobs) if r["status"] == "done"]
     if finished:
@@ -120,12 +123,13 @@ def jaccard_matrix(out: Path, finished) -> tuple[list[str], list[list[float | No
 
 def jaccard_figure(out: Path, finished) -> list[str]:
     labels, m = jaccard_matrix(out, finished)
-    with open(out / "jaccard.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow([""] + [j.name for _, j in finished])
-        for (_, j), row in zip(finished, m):
-            w.writerow([j.name] + ["" if v is None else f"{v:.4f}" for v in row])
-    (out / "jaccard.svg").write_text(heatmap_svg(labels, m, "edge Jaccard of the sweep's circuits"), encoding="utf-8")
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow([""] + [j.name for _, j in finished])
+    for (_, j), row in zip(finished, m):
+        w.writerow([j.name] + ["" if v is None else f"{v:.4f}" for v in row])
+    files_mod.write_text(out / "jaccard.csv", f.getvalue())
+    files_mod.write_text(out / "jaccard.svg", heatmap_svg(labels, m, "edge Jaccard of the sweep's circuits"))
     files = ["jaccard.csv", "jaccard.svg"]
     if _matplotlib():
         files.append(_png_heatmap(out / "jaccard.png", labels, m))
@@ -181,7 +185,7 @@ def curve_figures(out: Path, finished_rows: list[dict]) -> list[str]:
     for task in sorted({r["task"] for r in finished_rows}):
         rs = [r for r in finished_rows if r["task"] == task]
         name = f"faithfulness-{re.sub(r'[^A-Za-z0-9._-]+', '-', task)}.svg"
-        (out / name).write_text(curve_svg(task, rs), encoding="utf-8")
+        files_mod.write_text(out / name, curve_svg(task, rs))
         files.append(name)
         if _matplotlib():
             files.append(_png_curves(out / name.replace(".svg", ".png"), task, rs))
