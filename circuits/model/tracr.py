@@ -163,11 +163,14 @@ def sample(program: Program, rng: random.Random, length: int, vocab: list | None
 
 def save(directory: str | Path, cfg: dict, state: dict[str, np.ndarray], meta: dict) -> None:
     from safetensors.numpy import save_file
+
+    from circuits import files
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(directory / "model.safetensors"))
+    with files.atomic_path(directory / "model.safetensors") as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
     (directory / "model.safetensors").chmod(0o644)
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    files.write_text(directory / "meta.json", json.dumps(meta, indent=1) + "\n")
 
 
 # ---- loading (no tracr needed) ---------------------------------------------------------------
