@@ -170,7 +170,7 @@ def main() -> None:
     note(F_seconds=F, FB_seconds=FB)
     eap_t, (setup, scores) = timed(eap_end_to_end)
     note(eap_over_2F_plus_B=eap_t / floor)
-    setup._empty.clear()                       # the search pays for m(∅) itself
+    setup._empty.clear()      # m(∅) again from what prepare recorded (resample: the corrupted run's logits)
     search_t, found = timed(lambda: discover.smallest_faithful(setup, scores, 0.8))
     note(search_over_F=search_t / F, tried=found.tried)
     eval_t, _ = timed(lambda: setup.metric(found.mask), 2)

@@ -30,6 +30,9 @@ class Chunk:
     clean: patching.Run            # recorded clean run (outputs, resid per layer)
     clean_logits: torch.Tensor     # [B, vocab] at the answer positions
     groups: TokenGroups | None = None   # the position of every token (position-aware setups)
+    # [B, vocab] the corrupted run's logits at the answer positions (resample ablation): the
+    # empty circuit's logits, recorded by the forward that caches the ablated outputs
+    corrupted_logits: torch.Tensor | None = None
     _prefixes: dict = field(default_factory=dict, repr=False)
     # the clean run with its autograd graph and gradient taps, kept when prepared for EAP
     _graph: dict = field(default_factory=dict, repr=False)
@@ -148,14 +151,19 @@ class Setup:
             with torch.no_grad():
                 base = patching.run(w, g, c.task.clean.to(w.device), positions=c.task.positions,
                                     coef=coef, ablated=c.ablated, record=True, groups=self._groups(coef, c))
-            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits, c.groups))
+            chunks.append(Chunk(c.rows, c.task, c.ablated, base, c.clean_logits, c.groups, c.corrupted_logits))
         return dataclasses.replace(self, chunks=tuple(chunks), _empty=self._empty)
 
     def empty_metric(self, metric: Metric | None = None) -> float:
         """Mean metric of the empty circuit (every edge ablated), computed once per metric."""
         metric = metric or self.task.metric
         if metric not in self._empty:
-            self._empty[metric] = self.metric(self.graph.empty_mask(), metric).mean().item()
+            if all(c.corrupted_logits is not None for c in self.chunks):   # resample: recorded
+                values = torch.cat([metric_values(metric, c.corrupted_logits, c.task, c.clean_logits)
+                                    for c in self.chunks])
+            else:
+                values = self.metric(self.graph.empty_mask(), metric)
+            self._empty[metric] = values.mean().item()
         return self._empty[metric]
 
     def has_behaviour(self) -> bool:
@@ -203,6 +211,12 @@ def _shared_ablation(model: Model, task: Task, ablation: Ablation, reference: Ta
                                     reference_valid=ref.valid, batch_size=batch_size)
 
 
+def _same_padding(pad: int | None, task: Task) -> bool:
+    """Whether a patched forward on the clean tokens masks the same keys as the corrupted run
+    (so that the empty circuit's logits are the corrupted run's)."""
+    return pad is None or bool(((task.clean == pad) == (task.corrupted == pad)).all())
+
+
 def _rows(n: int, size: int | None):
     size = size or n
     return [slice(start, min(n, start + size)) for start in range(0, n, size)]
@@ -226,10 +240,16 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
     chunks = []
     for rows in _rows(len(task), batch_size):
         sub = task.subset(range(rows.start, rows.stop))
+        corrupted_logits = None
         if shared is not None:
             ablated = shared if shared.shape[2] == 1 else shared[:, :, : sub.clean.shape[1]]
-        else:
-            ablated = patching.ablated_outputs(w, g, ablation, corrupted=sub.corrupted)
+        else:                   # resample: the corrupted run, its logits kept as m(∅)'s
+            with torch.no_grad():
+                corrupted = patching.run(w, g, sub.corrupted.to(w.device), positions=sub.positions, record=True)
+            ablated = corrupted.outputs
+            if _same_padding(w.arch.pad_token_id, sub):
+                corrupted_logits = corrupted.logits
+            del corrupted
         graph = {}
         if keep_clean_graph:
             tokens = sub.clean.to(w.device)
@@ -242,7 +262,7 @@ def prepare(model: Model, task: Task, ablation: Ablation = Ablation.RESAMPLE, *,
             with torch.no_grad():
                 clean = patching.run(w, g, sub.clean.to(w.device), positions=sub.positions, record=True)
         groups = None if positions is None else positions.rows(rows, sub.clean.shape[1])
-        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits, groups, _graph=graph))
+        chunks.append(Chunk(rows, sub, ablated, clean, clean.logits, groups, corrupted_logits, _graph=graph))
     setup = Setup(model, task, ablation, tuple(chunks), positions)
     check_metric(setup.clean_metric(), task, "clean")
     return setup

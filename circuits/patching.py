@@ -151,9 +151,15 @@ class _Deltas:
                 self.cache.pop(next(iter(self.cache)))
         return hit.clone()
 
-    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
+    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
+              plus: torch.Tensor | None = None) -> torch.Tensor:
         """coef: [V, n_senders − first, R] for senders [first, n_senders) → [R, V·B·P, d],
-        receiver-major. With groups, coef is [V, G, n_senders − first, R]."""
+        receiver-major, with `plus` ([V·B·P, d]) added to every receiver's patch. With groups,
+        coef is [V, G, n_senders − first, R]."""
+        out = self._patch(coef, n_senders, first)
+        return out if plus is None else out.add_(plus)
+
+    def _patch(self, coef: torch.Tensor, n_senders: int, first: int) -> torch.Tensor:
         if self.groups is not None:
             return self._patch_by_group(coef, n_senders, first)
         V, R = coef.shape[0], coef.shape[2]
@@ -217,10 +223,14 @@ class _KeptDeltas:
         if self.n in self.boundaries:
             self.snap[self.n] = self.total.clone()
 
-    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
-        """coef: [1, n_senders − first, R] → [R, B·P, d]; called when senders [0, n_senders) have run."""
+    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
+              plus: torch.Tensor | None = None) -> torch.Tensor:
+        """coef: [1, n_senders − first, R] → [R, B·P, d], `plus` ([B·P, d]) added to each;
+        called when senders [0, n_senders) have run."""
         assert self.n == n_senders and first in self.snap, "patch read out of order"
         base = self.total if self.snap[first] is None else self.total - self.snap[first]
+        if plus is not None:
+            base = base + plus.reshape(-1)
         R = coef.shape[2]
         i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
         if i1 > i0:
@@ -232,41 +242,59 @@ class _KeptDeltas:
 
 
 def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False):
-    """q, k, v of one layer ([N, P, n, dh] each) and the MLP's patch from senders before s0.
+    """q, k, v of one layer ([N, P, n, dh] each) and, with mlp_col, the stream entering the layer
+    plus the MLP's patch from senders before s0 ([N·P, d]).
 
     Receivers whose coefficient columns are identical (typically: every edge ablated) share one
-    patched input, so a sparse circuit costs a few extra projections, not one per receiver.
+    patched input, so a sparse circuit costs a few extra projections, not one per receiver. When
+    every head of a kind reads a patched input (dense circuits), the kind's projections run as
+    one batched matmul over the heads' own inputs.
     """
     N, P, d = resid.shape
     shared_norm = None
-    inputs = inverse = None
+    inputs = None
     mlp_patch = None
+    group_of: dict[int, int] = {}
     if len(cols) or mlp_col >= 0:
         idx = (c0 + cols).tolist() + ([mlp_col] if mlp_col >= 0 else [])
         key = coef[..., :s0, idx].movedim(-1, 0).reshape(len(idx), -1)          # one row per receiver
-        if coef.requires_grad:            # unique has no gradient; learned masks rarely repeat
-            uniq, inverse = key, torch.arange(len(idx), device=key.device)
-        else:
-            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        patches = deltas.patch(uniq.view(-1, *coef.shape[:-2], s0).movedim(0, -1), s0)   # [n_u, N·P, d]
+        uniq, inverse = key, torch.arange(len(idx), device=key.device)
+        if not coef.requires_grad:        # unique has no gradient; learned masks rarely repeat
+            u, inv = torch.unique(key, dim=0, return_inverse=True)
+            if 2 * len(u) <= len(idx):    # worth sharing; else keep column order (heads' rows are slices)
+                uniq, inverse = u, inv
+        # the stream is added inside the patch's matmul: patched inputs = resid + patch
+        patches = deltas.patch(uniq.view(-1, *coef.shape[:-2], s0).movedim(0, -1), s0,
+                               plus=resid.reshape(N * P, d))                        # [n_u, N·P, d]
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
         if len(cols):
-            inputs = C.norm(arch, patches + resid.reshape(1, N * P, d), lw.ln1, freeze_norm)
-    group_of = dict(zip(cols.tolist(), [] if inverse is None else inverse.tolist()))
+            inputs = C.norm(arch, patches, lw.ln1, freeze_norm)                      # [n_u, N·P, d]
+        group_of = dict(zip(cols.tolist(), inverse.tolist()))
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
     for offset, n, W, b in ((0, H, lw.W_Q, lw.b_Q), (H, KV, lw.W_K, lw.b_K), (H + KV, KV, lw.W_V, lw.b_V)):
+        groups = [group_of.get(offset + h) for h in range(n)]
+        if n > 1 and None not in groups and len(set(groups)) > 1:
+            if groups == list(range(groups[0], groups[0] + n)):
+                x = inputs[groups[0] : groups[0] + n]                                # [n, N·P, d]
+            else:
+                x = inputs.index_select(0, torch.tensor(groups, device=inputs.device))
+            out.append(C.project_receivers(x, W, b, N, P))
+            continue
         by_input: dict[int, list[int]] = {}
         plain = []
-        for h in range(n):
-            u = group_of.get(offset + h)
+        for h, u in enumerate(groups):
             (plain if u is None else by_input.setdefault(u, [])).append(h)
         if not by_input:
             if shared_norm is None:
                 shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             out.append(C.project(shared_norm, W, b))
+            continue
+        if len(by_input) == 1 and not plain:            # one input for every head of the kind
+            (u,) = by_input
+            out.append(C.project(inputs[u].view(N, P, d), W, b))
             continue
         t = resid.new_empty(N, P, n, W.shape[2])
         if plain:
@@ -432,7 +460,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         x = mid
         if fuse_mlp:
             n_in = int(graph.n_inputs[col])
-            x = mid + mlp_patch.view(mid.shape)
+            x = mlp_patch.view(mid.shape) if arch.parallel else mlp_patch.view(mid.shape) + attn_out
             if n_in > s0:                                    # the layer's own heads (sequential)
                 x = x + deltas.patch(coef[..., s0:n_in, col : col + 1], n_in, first=s0).view(mid.shape)
         h2 = C.norm(arch, x, lw.ln2, freeze)

@@ -37,6 +37,18 @@ def test_empty_circuit_under_resample_reproduces_corrupted_logits(tiny):
     assert (patched - tiny.bridge(task.corrupted)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("spec", HF)
+def test_recorded_empty_metric_equals_the_patched_empty_circuit(spec):
+    """Under resample m(∅) is read from the corrupted run prepare() makes anyway; it must equal the
+    metric of the empty circuit patched in (padded rows included)."""
+    model = load_model(spec)
+    task = random_task(model, n=6, vary_lengths=True)
+    setup = evaluation.prepare(model, task, Ablation.RESAMPLE, batch_size=4)
+    assert all(c.corrupted_logits is not None for c in setup.chunks)
+    patched = setup.metric(model.graph.empty_mask()).mean().item()
+    assert abs(setup.empty_metric() - patched) <= 1e-5 * max(1.0, abs(patched))
+
+
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_patching_all_outgoing_edges_equals_patching_the_node(tiny, ablation):
     task = random_task(tiny, vary_lengths=True)
