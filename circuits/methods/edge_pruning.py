@@ -109,8 +109,11 @@ def _loss(setup: Setup, values: torch.Tensor, objective: str, gap: float | None)
 
 def _objective(setup: Setup, chunk, logits: torch.Tensor, objective: str, gap: float | None) -> torch.Tensor:
     """Per-example loss to minimise, summed over the chunk."""
-    metric = Metric.KL if objective == "kl" else setup.task.metric
-    return _loss(setup, metric_values(metric, logits, chunk.task, chunk.clean_logits), objective, gap).sum()
+    if objective == "kl":
+        return metric_values(Metric.KL, logits, chunk.task, chunk.clean_logits).sum()
+    values = metric_values(setup.task.metric, logits, chunk.task, chunk.clean_logits)
+    toward_clean = -values if setup.task.metric.higher_is_better else values
+    return toward_clean.sum() / abs(gap)
 
 
 def _pathwise_step(setup: Setup, theta: torch.Tensor, allowed_f: torch.Tensor, gen: torch.Generator,
