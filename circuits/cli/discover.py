@@ -53,7 +53,7 @@ def _check_options(args) -> None:
 
 # command-line options that set a scoring method's own parameter
 METHOD_OPTIONS = {"direction": "direction", "target_sparsity": "target_sparsity", "members": "members",
-                  "combine": "combine", "warm_start": "warm_start"}
+                  "combine": "combine", "warm_start": "warm_start", "estimator": "estimator"}
 
 
 def method_params(args) -> dict:
@@ -265,12 +265,15 @@ def add_discover(sub, add_common) -> None:
                    help="what ACDC compares (default kl, or the task's metric when it is a divergence)")
     p.add_argument("--candidates", type=positive_int, help="hybrid: edges ACDC examines (default: EAP-IG's smallest top-n "
                         "with faithfulness >= 0.95)")
-    p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5); edge-pruning: training steps (default 100)")
+    p.add_argument("--steps", type=positive_int, help="integrated-gradient steps (default 5); edge-pruning: training steps (default 60)")
     p.add_argument("--direction", choices=["noising", "denoising"],
                    help="eap, eap-gim: gradient at the clean run (noising, default) or at the ablated run")
     p.add_argument("--target-sparsity", type=float,
-                   help="edge-pruning: fraction of edges the learned mask removes, in (0, 1) (default 0.95)")
+                   help="edge-pruning: fraction of edges the learned mask removes, in (0, 1) (default 0.99)")
     p.add_argument("--warm-start", help="edge-pruning: method whose scores start the mask (default eap-gim; none)")
+    p.add_argument("--estimator", choices=["pathwise", "score", "both"],
+                   help="edge-pruning: gradient through the relaxed gates (pathwise, default), of hard masks "
+                        "(score: DisARM, sees step-like effects), or both summed")
     p.add_argument("--members", help="ensemble: comma-separated methods (default eap-ig-inputs,eap-gim,edge-pruning)")
     p.add_argument("--combine", choices=["rank", "score", "magnitude"],
                    help="ensemble: average of |score| ranks (magnitude, default), of signed ranks, or of scores / max |score|")

@@ -59,7 +59,7 @@ register(Method("edge-pruning", "learned hard-concrete edge masks, trained throu
                 "coefficients toward a target sparsity (warm start: eap-gim)",
                 "circuits.methods.edge_pruning:edge_pruning",
                 {"target_sparsity": 0.99, "steps": 60, "lr": 0.1, "l0_weight": 100.0, "objective": "metric",
-                 "schedule": "mib", "warm_start": "eap-gim", "seed": 0}))
+                 "schedule": "mib", "warm_start": "eap-gim", "estimator": "pathwise", "samples": 8, "seed": 0}))
 register(Method("ensemble", "several methods' scores combined (average of |score| ranks by default; "
                 "signed rank or normalised-score average)",
                 "circuits.methods.ensemble:ensemble",
@@ -69,7 +69,7 @@ register(Method("ensemble", "several methods' scores combined (average of |score
 # ---- method specs on the command line: "name" or "name:key=value:key=value" (torch-free) ----
 
 CHOICES = {"direction": ("noising", "denoising"), "combine": ("rank", "score", "magnitude"), "objective": ("kl", "metric"),
-           "schedule": ("mib", "single")}
+           "schedule": ("mib", "single"), "estimator": ("pathwise", "score", "both")}
 
 
 def _value(text: str):
@@ -100,6 +100,9 @@ def check_params(name: str, params: dict) -> dict:
                              f"(0, 1), got {value!r}")
         if key in ("steps", "variants") and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}: {key} must be a whole number of at least 1, got {value!r}")
+        if key == "samples" and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}: samples (antithetic mask pairs a step) must be a whole number of at "
+                             f"least 1, got {value!r}")
         if key == "members":
             members = [m.strip() for m in str(value).split(",") if m.strip()]
             if not members:
