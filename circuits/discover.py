@@ -101,7 +101,8 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     (or the last size below n that was measured) does not.
 
     A bracketing search on the sorted scores: start at the size holding `target` of the |score|
-    mass, step by ×4 to bracket the crossing, then interpolate on log n between the bracket's
+    mass; if it falls short, the whole graph (faithfulness 1, known without a forward) closes the
+    bracket, else step down by ÷4 to bracket the crossing; then interpolate on log n between the bracket's
     faithfulness values (regula falsi with the Illinois rule, so a saturating curve does not pin
     the steps to one end). Sizes
     are multiples of the tolerance, so no circuit below it is ever evaluated; each size is
@@ -126,7 +127,11 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
     seen: dict[int, tuple[float, float]] = {}
     bar = tqdm(desc=f"faithfulness search (target {target:g}, ±{tol} edges)", unit="eval", disable=not progress)
 
+    known = {N: (full, 1.0)}                    # the whole graph is the model: no forward needed
+
     def f(n: int) -> float:
+        if n in known:
+            return known[n][1]
         if n not in seen:
             m = setup.metric(mask_for(n)).mean().item()
             seen[n] = (m, normalized_faithfulness(m, empty, full))
@@ -144,16 +149,8 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
                 lo = down
                 break
             hi = down
-    else:
-        lo, hi = n, None
-        while lo < N:
-            up = grid(lo * 4)
-            if ok(up):
-                hi = up
-                break
-            lo = up
-    if hi is None:                              # even the whole graph falls short
-        hi = N
+    else:                                       # the whole graph (f = 1) closes the bracket
+        lo, hi = n, N
     # Regula falsi on log n with the Illinois rule: when one end of the bracket stays twice in a
     # row, its distance to the target counts half, so a saturating (concave) curve does not pin the
     # steps to one side.
@@ -164,6 +161,8 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
         t = g_lo / (g_lo - g_hi) if g_hi > g_lo else 0.5
         mid = grid(int(lo * (hi / lo) ** min(max(t, 0.0), 1.0)))
         mid = min(max(mid, grid(lo + 1)), hi - tol)
+        if hi - mid < 2 * tol:                  # the answer is within two steps of hi: one check
+            mid = hi - tol                      # below it ends the search if it falls short
         if not lo < mid < hi:
             mid = grid((lo + hi) // 2)
             if not lo < mid < hi:
@@ -180,7 +179,7 @@ def smallest_faithful(setup: Setup, scores: torch.Tensor, target: float, prune: 
                 g_hi /= 2
             side = -1
     bar.close()
-    m, faith = seen[hi] if hi in seen else (None, float("nan"))
+    m, faith = seen[hi] if hi in seen else known.get(hi, (None, float("nan")))
     tried = tuple((k, v[1]) for k, v in seen.items())
     return Search(mask_for(hi), hi, m, faith, tol, tried)
 
