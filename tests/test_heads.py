@@ -76,3 +76,23 @@ def test_compare_aligns_circuits_by_head_role():
     assert r["previous-token"]["b"]["heads"] == ["a0.h1"]
     text = compare.format_report(report)
     assert "head roles" in text and "suppressor" in text
+
+
+def test_discover_labels_heads_with_roles_in_summary_file_and_diagram(tmp_path, capsys):
+    """`discover --roles`: the summary names each head's role, the circuit file keeps them and the
+    diagram labels the heads (induction-2l: a0.h1 previous-token, a1.h3/a1.h1 induction)."""
+    import json
+
+    from circuits import circuit as circuit_io
+    from circuits.io import render
+    out = tmp_path / "c.json"
+    assert main(["discover", "induction-2l", "induction", "--method", "eap", "--top-n", "30",
+                 "--roles", "--quiet", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "a0.h1 (previous-token)" in text and "a1.h3 (induction)" in text
+    circ = circuit_io.load(out)
+    assert circ.provenance["head_roles"]["a1.h1"] == "induction"
+    assert 'label="a1.h3\\ninduction"' in render.to_dot(circ)
+    assert main(["discover", "induction-2l", "induction", "--method", "eap", "--top-n", "30", "--roles",
+                 "--quiet", "--json", "-o", str(tmp_path / "d.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["head_roles"]["a0.h1"] == "previous-token"

@@ -132,6 +132,11 @@ def cmd_discover(args) -> int:
                          checkpoint=checkpoint, resume=args.resume, method_params=method_params(args),
                          progress=not args.quiet, seed=args.seed, provenance=split_record, neurons=args.neurons,
                          checkpoint_every=30.0 if args.checkpoint_every is None else args.checkpoint_every)
+    head_roles = {}
+    if args.roles:              # measured on real activations, as `circuits heads MODEL TASK` does
+        from circuits.verify import roles as head_role_measure
+        head_roles = {h: r for h, r in head_role_measure.label_heads(model, task).items() if r}
+        found.circuit.provenance["head_roles"] = head_roles
     nulls: list[str] = []
     rescue(lambda path: nulls.extend(circuit_io.save(found.circuit, path)), args.out, "the circuit")
     note_nulls(nulls, args.out)
@@ -148,6 +153,8 @@ def cmd_discover(args) -> int:
                "components": circuit_io.components(c),
                "faithfulness": found.faithfulness["faithfulness"], "seconds": round(found.seconds, 2),
                "out": args.out, **found.details}
+    if args.roles:
+        summary["head_roles"] = {h: r for h, r in head_roles.items() if h in found_nodes}
     if c.positions is not None:
         summary["positions"] = list(c.positions)
         summary["edges_by_position"] = {p: int(n) for p, n in zip(c.positions, (c.mask & model.graph.allowed).sum((1, 2)).tolist())}
@@ -171,7 +178,7 @@ def cmd_discover(args) -> int:
     else:
         print(f"circuit: {c.n_edges} of {setup.n_edges} edges{grain} "
               f"({100 * c.n_edges / setup.n_edges:.1f}%){pruned}")
-    for line in _component_lines(summary["components"]):
+    for line in _component_lines(summary["components"], roles=head_roles):
         print(line)
     if c.positions is not None:
         used = [f"{p} {n}" for p, n in summary["edges_by_position"].items() if n]
@@ -194,8 +201,9 @@ def cmd_discover(args) -> int:
     return 0
 
 
-def _component_lines(comp: dict, width: int = 8) -> list[str]:
-    """Two lines at any scale: counts by kind (and every name when there are few), the strongest."""
+def _component_lines(comp: dict, width: int = 8, roles: dict | None = None) -> list[str]:
+    """Two lines at any scale: counts by kind (and every name when there are few), the strongest;
+    heads carry their measured role (`roles`: head → role) where one is known."""
     from circuits.cli.common import plural
     names = comp["heads"] + list(comp["kv_groups"]) + comp["mlps"]
     counts = [plural(len(comp["heads"]), "head")] + \
@@ -205,10 +213,12 @@ def _component_lines(comp: dict, width: int = 8) -> list[str]:
     lines = [f"components: {', '.join(counts)}; edges into {edges or '-'}"]
     if not names:
         return lines
+    role = (lambda n: f" ({roles[n]})" if n in roles else "") if roles else (lambda n: "")
     if len(names) <= width:
-        lines.append("  " + ", ".join(names))
+        lines.append("  " + ", ".join(n + role(n) for n in names))
     else:
-        lines.append("  strongest: " + ", ".join(f"{t['component']} {t['score']:.3g}" for t in comp["top"]))
+        lines.append("  strongest: " + ", ".join(f"{t['component']}{role(t['component'])} {t['score']:.3g}"
+                                                 for t in comp["top"]))
     return lines
 
 
@@ -285,6 +295,9 @@ def add_discover(sub, add_common) -> None:
     p.add_argument("--neurons", action="store_true",
                    help="neuron grain: keep every edge and choose the output dimensions of each component "
                         "by attribution (--top-n/--threshold count neurons)")
+    p.add_argument("--roles", action="store_true",
+                   help="measure each head's role (previous-token, induction, name mover …; as `circuits heads`), "
+                        "label the summary's heads with it and store it in the circuit file (render and view show it)")
     p.add_argument("--out", "-o", default="circuit.json", help="circuit file to write (default circuit.json)")
     p.add_argument("--checkpoint", help="ACDC checkpoint file (default OUT.ckpt.pt)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ACDC run from its checkpoint "

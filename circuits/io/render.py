@@ -93,6 +93,7 @@ def to_dot(circuit: Circuit, title: str | None = None, node_colours: dict[str, s
     g = circuit.graph
     mask = circuit.mask & g.allowed
     n_edges = int(mask.sum())
+    roles = {h: r for h, r in circuit.provenance.get("head_roles", {}).items() if r}
     if level == "auto":
         level = "node" if n_edges > EDGE_LEVEL_MAX and edge_colours is None else "edge"
     rows, cols = torch.nonzero(mask, as_tuple=True)
@@ -167,6 +168,8 @@ def to_dot(circuit: Circuit, title: str | None = None, node_colours: dict[str, s
             if node_colours and n in node_colours:
                 style += f', fillcolor="{node_colours[n]}"'
             label = f', label="{_kv_label(g, n)}"' if ".kv" in n else ""
+            if n in roles:                    # measured head role (discover --roles, heads)
+                label = f', label="{n}\\n{roles[n]}"'
             lines.append(f'  "{n}" [id="node_{n.replace(".", "_")}", {style}{label}];')
         lines.append("  { rank=same; " + " ".join(f'"{n}";' for n in [tag] + members) + " }")
     for lo, hi in zip(row_names, row_names[1:]):
