@@ -11,9 +11,9 @@
   const FADED = "rgba(203,213,224,0.25)";
   const OVERLAY_COLOUR = { shared: "#2f855a", a: "#3182ce", b: "#d53f8c" };
   const MAX_DRAWN = DATA.max_drawn;
-  const EDGE_HOVER_MAX = 5000;
-  // The strongest edges (by rank) are drawn as rectangles, width by |score|, easy to hover; the
-  // rest as 1-px lines. Without a GPU (SwiftShader) a rectangle costs several times a line to
+  // The strongest edges (by rank) are drawn as rectangles, width by |score|, and answer hover;
+  // the rest as 1-px lines, left out of sigma's picking pass (which draws every pickable edge a
+  // second time). Without a GPU (SwiftShader) a rectangle costs several times a line to
   // rasterize: 10k rectangles take ~0.6 s a frame, 10k lines ~0.15 s.
   const THICK = 1000;
   const SIDE = DATA.mode === "side-by-side";
@@ -268,12 +268,6 @@
       drawSelection(ranks.map((i) => ({ ci: view.circuit, i, key: `e${view.circuit}:${i}` })));
     }
     if (renderer) {
-      // Edge hover draws every edge a second time (sigma's picking pass): on only while that is cheap.
-      const edgeEvents = view.drawn.length <= EDGE_HOVER_MAX;
-      if (renderer.getSetting("enableEdgeEvents") !== edgeEvents) {
-        renderer.setSetting("enableEdgeEvents", edgeEvents);
-        view.changed = null;
-      }
       if (view.changed === null || view.changed.length) refresh(view.changed);
       else markFrame();                              // nothing to redraw (e.g. above the cap): only the status changed
     }
@@ -518,7 +512,7 @@
         if (ct) html += `<br>${ct}`;
       }
     }
-    if (edges > EDGE_HOVER_MAX) html += `<br><span class="muted">edge hover is off above ${EDGE_HOVER_MAX.toLocaleString("en-US")} drawn edges (it doubles the drawing work): hover or click nodes, or lower the size</span>`;
+    if (edges > THICK) html += `<br><span class="muted">edge hover: the ${THICK.toLocaleString("en-US")} strongest edges (drawn thick); for the thin ones hover or click their nodes, or lower the size</span>`;
     st.innerHTML = html;
     const note = $("hidden-note");
     note.hidden = view.hidden === 0;
@@ -643,6 +637,10 @@
 
   // ---- renderer ------------------------------------------------------------------------------
   let renderer = null;
+  // 1-px lines without a picking pass (sigma gives every edge program of a pickable layer one)
+  class UnpickedLines extends Sigma.rendering.EdgeLineProgram {
+    constructor(gl, pickingBuffer, renderer) { super(gl, null, renderer); }
+  }
   let markFrame = () => {};
   const tooltip = $("tooltip");
   function showTooltip(html, ev) {
@@ -669,7 +667,7 @@
     $("loading").remove();
     renderer = new Sigma(graph, $("graph"), {
       defaultEdgeType: "line", renderEdgeLabels: false,
-      edgeProgramClasses: { line: Sigma.rendering.EdgeLineProgram, rect: Sigma.rendering.EdgeRectangleProgram }, enableEdgeEvents: view.drawn.length <= EDGE_HOVER_MAX, hideEdgesOnMove: true,
+      edgeProgramClasses: { line: UnpickedLines, rect: Sigma.rendering.EdgeRectangleProgram }, enableEdgeEvents: true, hideEdgesOnMove: true,
       labelDensity: 1, labelGridCellSize: 36, labelRenderedSizeThreshold: 4, labelSize: 11,
       labelColor: { color: "#2d3748" }, zIndex: true, minCameraRatio: 0.05, maxCameraRatio: 4,
       nodeReducer: (key, a) => {
