@@ -286,3 +286,15 @@ def test_positions_are_columns_and_layers_rows(browser, tmp_path):
         assert pg.errors == []
     finally:
         pg.close()
+    # an overlay of two position-aware circuits matches position-edges by name
+    from circuits.circuit import Circuit
+    b = Circuit(g, select.prune(g, select.top_n(g, c.scores, c.n_edges // 2)), c.scores, dict(c.provenance),
+                positions=names)
+    pg = page_for(browser, tmp_path, [c, b], "positions-overlay")
+    try:
+        colours = pg.js("window.circuitView.edgeColours()")
+        ea, eb = set(c.edge_names()), set(b.edge_names())
+        assert set(colours) == ea | eb and {e for e, m in colours.items() if m == "shared"} == ea & eb
+        assert pg.errors == []
+    finally:
+        pg.close()
