@@ -8,7 +8,10 @@
   const KIND_COLOUR = { input: "#718096", logits: "#718096", head: "#4299e1", mlp: "#ed8936" };
   const PORT_COLOUR = { q: "#805ad5", k: "#38a169", v: "#d69e2e" };
   const CONTEXT_COLOUR = "#e2e8f0";
-  const FADED = "rgba(203,213,224,0.25)";
+  // sigma blends as premultiplied alpha (ONE, ONE_MINUS_SRC_ALPHA) but hands colours to WebGL as
+  // given: a translucent colour must come premultiplied, else blue fades to cyan and red to pink
+  const rgba = (rgb, alpha) => `rgba(${rgb.split(",").map((v) => Math.round(v * alpha)).join(",")},${alpha})`;
+  const FADED = rgba("203,213,224", 0.25);
   const OVERLAY_COLOUR = { shared: "#2f855a", a: "#3182ce", b: "#d53f8c" };
   const MAX_DRAWN = DATA.max_drawn;
   // The strongest edges (by rank) are drawn as rectangles, width by |score|, and answer hover;
@@ -166,11 +169,12 @@
   // adding edges re-indexes the graph once. (Swapping the graph bound to sigma re-indexes it edge
   // by edge, several times slower.)
   const RGB = { pos: "43,108,176", neg: "197,48,48", none: "85,85,85", shared: "47,133,90", a: "49,130,206", b: "213,63,140" };
-  function edgeColour(score, rel, member, strong) {
-    // opacity by |score| so that the strongest edges stand out of a dense circuit
-    const alpha = (strong ? 0.5 + 0.5 * rel : 0.35 + 0.65 * rel).toFixed(2);
+  function edgeColour(score, rel, member, strong, thin) {
+    // opacity by |score| so that the strongest edges stand out of a dense circuit; the thin
+    // (weaker) ones fainter still, so that thousands of them stay a backdrop
+    const alpha = (strong ? 0.5 + 0.5 * rel : thin ? 0.12 + 0.88 * rel : 0.4 + 0.6 * rel).toFixed(2);
     const rgb = member ? RGB[member] : score === null ? RGB.none : score >= 0 ? RGB.pos : RGB.neg;
-    return `rgba(${rgb},${alpha})`;
+    return rgba(rgb, alpha);
   }
 
   // Adds the edge (and its port's links) to the graph unless there; true when it added it.
@@ -180,14 +184,15 @@
     const score = e.c.edges.score ? e.c.edges.score[d.i] : null;
     const rel = score === null || !maxAbs[d.ci] ? 0.5 : Math.abs(score) / maxAbs[d.ci];
     const member = d.member || null;                 // an edge's look is fixed: the reducer only picks one
+    const thin = rank >= THICK;
     graph.addEdgeWithKey(d.key, e.source, e.target, { ci: d.ci, i: d.i, score, rel, member,
-                                                      type: rank < THICK ? "rect" : "line", size: 0.6 + 3.4 * rel,
-                                                      color: edgeColour(score, rel, member, false), strong: edgeColour(score, rel, member, true),
+                                                      type: thin ? "line" : "rect", size: 0.6 + 3.4 * rel,
+                                                      color: edgeColour(score, rel, member, false, thin), strong: edgeColour(score, rel, member, true, thin),
                                                       zIndex: member === "shared" ? 1 : 0 });
     if (e.rec.port && !graph.hasEdge(`link:${e.target}:${e.rec.targets[0]}`)) {
       for (const t of e.rec.targets) {
         graph.addEdgeWithKey(`link:${e.target}:${t}`, e.target, nodeKey(e.L.li, e.L.nodes[t].id, e.p),
-                             { link: true, type: "line", size: 0.8, color: "rgba(160,174,192,0.9)" });
+                             { link: true, type: "line", size: 0.8, color: rgba("160,174,192", 0.9) });
       }
     }
     return true;
