@@ -174,6 +174,27 @@ def test_hover_shows_score_and_click_highlights_exactly_the_paths(browser, circu
         pg.page.mouse.click(*point)
         pg.page.wait_for_function("window.circuitView.highlighted() && window.circuitView.highlighted().node === 'input'")
         assert set(pg.js("window.circuitView.highlighted()")["descendants"]) == paths_through(c, "input")[1]
+        if which == "induction":                       # an edge: the middle of the strongest one
+            pg.js("window.circuitView.clearFocus()")
+            # a point on it away from every node (nodes answer hover first)
+            point = pg.js("""(() => {
+              const cv = window.circuitView, key = cv.view.drawn[0].key;
+              const [a, b] = cv.graph.extremities(key).map((k) => cv.nodeViewport(k));
+              const nodes = cv.graph.nodes().map((k) => cv.nodeViewport(k)).filter(Boolean);
+              for (const t of [0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.1, 0.9]) {
+                const x = a.x + t * (b.x - a.x), y = a.y + t * (b.y - a.y);
+                if (cv.renderer.getEdgeAtPoint(x, y) === key && nodes.every((n) => Math.hypot(n.x - x, n.y - y) > 14)) return { x, y };
+              }
+              return null;
+            })()""")
+            assert point is not None
+            box = pg.page.locator("#graph").bounding_box()
+            # twice: the first move out of the node hovered before only leaves it (sigma checks edges on the next)
+            pg.page.mouse.move(box["x"] + point["x"], box["y"] + point["y"] - 0.5)
+            pg.page.mouse.move(box["x"] + point["x"], box["y"] + point["y"])
+            pg.page.wait_for_selector("#details .edge-score", state="visible")
+            assert pg.page.locator("#details .edge-score").inner_text() != ""
+            assert "→" in pg.page.locator("#tooltip").inner_text()
         pg.page.locator("#search").fill(node)
         pg.page.locator("#search").press("Enter")
         pg.page.wait_for_function(f"window.circuitView.highlighted().node === {node!r}")
