@@ -35,6 +35,39 @@ def test_edges_are_ranked_as_top_n_ranks_them():
     assert data["node_scores"] == pytest.approx(node_scores(g, c.scores).tolist(), rel=1e-4, abs=1e-6)
 
 
+def position_circuit(n_edges=40, seed=0, names=("A", "B", "END")):
+    """A synthetic position-aware circuit on induction-2l's shape: [P, S, R] scores and mask."""
+    from circuits.circuit import graph_from_summary
+    g = graph_from_summary(INDUCTION_2L)
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(len(names), g.n_senders, g.n_receivers, generator=gen) ** 3) * g.allowed
+    mask = select.prune(g, select.top_n(g, scores, n_edges))
+    return Circuit(g, mask, scores.float(), {"model": "induction-2l"}, positions=names)
+
+
+def test_position_edges_are_ranked_as_top_n_ranks_them():
+    from circuits import positions
+    c = position_circuit()
+    g, P = c.graph, len(c.positions)
+    data = view.page_data([named(c)])
+    e = data["circuits"][0]["edges"]
+    assert len(e["s"]) == len(e["p"]) == P * g.n_edges == data["circuits"][0]["total_edges"]
+    for n in (1, 9, 40, 200, P * g.n_edges):
+        expected = select.top_n(g, c.scores, n)
+        got = torch.zeros_like(expected)
+        got[e["p"][:n], e["s"][:n], e["r"][:n]] = True
+        assert torch.equal(got, expected), n
+    assert sum(e["in"]) == c.n_edges
+    assert data["layouts"][0]["positions"] == list(c.positions)
+    assert data["circuits"][0]["n_nodes"] == int(positions.node_mask_by_position(g, c.mask).sum())
+    for got_p, sp in zip(data["circuits"][0]["node_scores"], c.scores):      # per position
+        assert got_p == pytest.approx(node_scores(g, sp).tolist(), rel=1e-4, abs=1e-6)
+    # circuits at different position grains are not overlaid
+    other = position_circuit(names=("A", "END"))
+    with pytest.raises(view.ViewError, match="different position grains"):
+        view.page_data([named(c, "a.json"), named(other, "b.json")])
+
+
 def test_roles_from_the_circuit_file_then_from_a_builtin_model():
     g_circuit = synthetic(INDUCTION_2L, 20, model="induction-2l")
     roles, source = view.roles_of(g_circuit.provenance, g_circuit.graph)

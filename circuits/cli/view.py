@@ -81,7 +81,7 @@ def add_view(sub, add_common) -> None:
                         "by relative depth)")
     p.add_argument("--report", action="append", default=[], metavar="REPORT.json",
                    help="a `circuits verify --out` report per circuit, in order: its faithfulness curve")
-    p.add_argument("--max-drawn", type=positive_int, default=20000,
-                   help="draw at most this many edges, strongest first; the page says what it hides (default 20000)")
+    p.add_argument("--max-drawn", type=positive_int, default=12000,
+                   help="draw at most this many edges, strongest first; the page says what it hides (default 12000)")
     p.add_argument("--title")
     p.set_defaults(func=cmd_view)

@@ -29,12 +29,13 @@ import torch
 
 from circuits.circuit import Circuit
 from circuits.errors import CircuitsError
+from circuits import positions as pos
 from circuits.graph import Channel, Graph, node_scores
 
 VIEW_SCHEMA = "circuits.view"
 VIEW_SCHEMA_VERSION = 1
 # Above this many drawn edges the page draws the strongest ones and says how many it hides.
-DEFAULT_MAX_DRAWN = 20000
+DEFAULT_MAX_DRAWN = 12000   # keeps a redraw near 0.2 s with software WebGL (CLI: --max-drawn)
 
 # Known-head lists in a built-in model's meta.json → the role they name.
 META_ROLES = {"previous_token_heads": "previous-token", "induction_heads": "induction",
@@ -175,24 +176,32 @@ def _short(x: float) -> float:
 
 
 def circuit_data(named: Named, report: dict | None = None) -> dict:
-    """One circuit for the page: edges ranked like select.top_n, with scores and the saved mask."""
+    """One circuit for the page: edges ranked like select.top_n, with scores and the saved mask.
+    A position-aware circuit ([P, S, R]) ranks its position-edges the same way (position-major
+    ties) and lists each one's position (`p`); its node scores are per position, [P][n_nodes]."""
     c = named.circuit
     g = c.graph
     allowed = g.allowed
     mask = c.mask & allowed
+    n_ranked = int(allowed.sum()) * (mask.numel() // allowed.numel())
     if c.scores is not None:
         values = torch.where(allowed, c.scores.abs().float(), torch.tensor(float("-inf"))).flatten()
-        order = torch.sort(values, descending=True, stable=True).indices[: g.n_edges]
+        order = torch.sort(values, descending=True, stable=True).indices[:n_ranked]
     else:                                   # no scores: only the saved edges, in graph order
         order = torch.nonzero(mask.flatten()).flatten()
-    R = g.n_receivers
-    s_idx = (order // R).tolist()
+    S, R = g.n_senders, g.n_receivers
+    s_idx = (order % (S * R) // R).tolist()
     r_idx = (order % R).tolist()
     flat_mask = mask.flatten()
     edges = {"s": s_idx, "r": r_idx, "in": [int(v) for v in flat_mask[order].tolist()]}
+    if c.positions is not None:
+        edges["p"] = (order // (S * R)).tolist()
     if c.scores is not None:
         edges["score"] = [_short(v) for v in c.scores.flatten()[order].tolist()]
-        nscores = node_scores(g, c.scores).tolist()
+        if c.positions is None:
+            nscores = [_short(v) for v in node_scores(g, c.scores).tolist()]
+        else:
+            nscores = [[_short(v) for v in node_scores(g, sp).tolist()] for sp in c.scores]
     else:
         nscores = None
     prov = c.provenance
@@ -203,9 +212,9 @@ def circuit_data(named: Named, report: dict | None = None) -> dict:
         "method": prov.get("method"), "metric": prov.get("metric"), "ablation": prov.get("ablation"),
         "faithfulness": prov.get("faithfulness") if isinstance(prov.get("faithfulness"), (int, float))
         and math.isfinite(prov["faithfulness"]) else None,
-        "n_edges": c.n_edges, "n_nodes": int(g.node_mask(mask).sum()), "total_edges": g.n_edges,
-        "has_scores": c.scores is not None, "edges": edges,
-        "node_scores": [_short(v) for v in nscores] if nscores is not None else None,
+        "n_edges": c.n_edges, "total_edges": n_ranked, "positions": list(c.positions) if c.positions else None,
+        "n_nodes": int(g.node_mask(mask).sum()) if c.positions is None else int(pos.node_mask_by_position(g, mask).sum()),
+        "has_scores": c.scores is not None, "edges": edges, "node_scores": nscores,
         "curve": curve_of(prov, report),
     }
 
@@ -217,6 +226,11 @@ def _same_model(a: Named, b: Named) -> str | None:
     if shape(ga) != shape(gb):
         return (f"{a.name} and {b.name} are circuits of different model shapes "
                 f"({ga.n_layers}×{ga.n_heads} vs {gb.n_layers}×{gb.n_heads} layers×heads)")
+    pa, pb = a.circuit.positions, b.circuit.positions
+    if pa != pb:
+        return (f"{a.name} and {b.name} are circuits at different position grains "
+                f"({'positions ' + ', '.join(pa) if pa else 'no positions'} vs "
+                f"{'positions ' + ', '.join(pb) if pb else 'no positions'})")
     ma, mb = a.circuit.provenance.get("model"), b.circuit.provenance.get("model")
     if ma and mb and ma != mb:
         return f"{a.name} is a circuit of {ma}, {b.name} of {mb}"
@@ -241,7 +255,8 @@ def page_data(circuits: list[Named], align: bool = False, reports: list[dict | N
         if why:
             shape_differs = other.circuit.graph.arch.n_layers != first.circuit.graph.arch.n_layers or \
                 other.circuit.graph.n_edges != first.circuit.graph.n_edges or \
-                other.circuit.graph.arch.n_kv_heads != first.circuit.graph.arch.n_kv_heads
+                other.circuit.graph.arch.n_kv_heads != first.circuit.graph.arch.n_kv_heads or \
+                other.circuit.positions != first.circuit.positions
             if shape_differs:
                 mode = "side-by-side"
                 notes.append(f"{why}: heads and edges have no counterpart, so they are drawn side by side, "
@@ -258,7 +273,9 @@ def page_data(circuits: list[Named], align: bool = False, reports: list[dict | N
                                  "n_kv_heads": g.arch.n_kv_heads, "has_mlp": g.arch.has_mlp,
                                  "parallel": g.arch.parallel, "grouped": g.arch.grouped,
                                  "family": g.arch.family},
-                        "n_senders": g.n_senders, "logits_col": g.logits_col})
+                        "n_senders": g.n_senders, "logits_col": g.logits_col,
+                        # positions as columns: every node drawn once per position
+                        "positions": list(circuits[i].circuit.positions) if circuits[i].circuit.positions else None})
     return {"schema": VIEW_SCHEMA, "schema_version": VIEW_SCHEMA_VERSION, "mode": mode,
             "title": title or " vs ".join(n.name for n in circuits),
             "max_drawn": int(max_drawn), "notes": notes, "layouts": layouts,

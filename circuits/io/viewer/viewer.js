@@ -8,10 +8,17 @@
   const KIND_COLOUR = { input: "#718096", logits: "#718096", head: "#4299e1", mlp: "#ed8936" };
   const PORT_COLOUR = { q: "#805ad5", k: "#38a169", v: "#d69e2e" };
   const CONTEXT_COLOUR = "#e2e8f0";
-  const FADED = "rgba(203,213,224,0.25)";
+  // sigma blends as premultiplied alpha (ONE, ONE_MINUS_SRC_ALPHA) but hands colours to WebGL as
+  // given: a translucent colour must come premultiplied, else blue fades to cyan and red to pink
+  const rgba = (rgb, alpha) => `rgba(${rgb.split(",").map((v) => Math.round(v * alpha)).join(",")},${alpha})`;
+  const FADED = rgba("203,213,224", 0.25);
   const OVERLAY_COLOUR = { shared: "#2f855a", a: "#3182ce", b: "#d53f8c" };
   const MAX_DRAWN = DATA.max_drawn;
-  const EDGE_HOVER_MAX = 5000;
+  // The strongest edges (by rank) are drawn as rectangles, width by |score|, and answer hover;
+  // the rest as 1-px lines, left out of sigma's picking pass (which draws every pickable edge a
+  // second time). Without a GPU (SwiftShader) a rectangle costs several times a line to
+  // rasterize: 10k rectangles take ~0.6 s a frame, 10k lines ~0.15 s.
+  const THICK = 1000;
   const SIDE = DATA.mode === "side-by-side";
 
   // ---- numbers -------------------------------------------------------------------------------
@@ -25,63 +32,97 @@
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 
   // ---- per-layout tables ---------------------------------------------------------------------
+  // A position-aware circuit (edges s@p->r@p) draws every node once per position: positions as
+  // columns (each a copy of the head columns), layers as rows.
   const layouts = DATA.layouts.map((L, li) => {
     const receiversOfNode = L.nodes.map(() => []);
     L.receivers.forEach((rec, r) => rec.targets.forEach((t) => receiversOfNode[t].push(r)));
-    return { ...L, li, receiversOfNode };
+    const positions = L.positions || null;
+    const colWidth = Math.max(...L.nodes.map((n) => n.x)) + 1 + (positions ? 0.8 : 0);
+    return { ...L, li, receiversOfNode, positions, P: positions ? positions.length : 1, colWidth };
   });
   const layoutOf = (ci) => layouts[SIDE ? ci : 0];
-  const nodeKey = (li, id) => (SIDE ? `${li}/${id}` : id);
-  const portKey = (li, r) => `${SIDE ? li + "/" : ""}port:${r}`;
+  const at = (L, p) => (L.positions ? `@${L.positions[p]}` : "");
+  const nodeKey = (li, id, p = 0) => `${SIDE ? li + "/" : ""}${id}${at(layouts[li], p)}`;
+  const portKey = (li, r, p = 0) => `${SIDE ? li + "/" : ""}port:${r}${at(layouts[li], p)}`;
 
-  // y: layers (relative depth when side by side); x: heads, spread so the rows fill the screen
+  // y: layers (relative depth when side by side); x: heads (in a column per position), spread so the rows fill the screen
   const yMax = Math.max(...layouts.map((L) => L.arch.n_layers));
-  const widths = layouts.map((L) => Math.max(...L.nodes.map((n) => n.x)) + 1.3 + 1.4);   // row labels at x = -1.3
+  const widths = layouts.map((L) => L.P * L.colWidth - (L.positions ? 0.8 : 0) + 1.3 + 1.4);   // row labels at x = -1.3
   const box = document.getElementById("graph");
   const aspect = Math.max(0.5, (box.clientWidth || 1000) / Math.max(1, box.clientHeight || 700));
   const span = widths.reduce((a, b) => a + b, 0) + 1.5 * (widths.length - 1);
-  const xSpread = Math.min(8, Math.max(1, 0.92 * aspect * (yMax + 1) / span));
-  function place(L, x, y) {
-    const yScale = SIDE ? yMax / L.arch.n_layers : 1;
+  const yRows = yMax + 1 + (layouts.some((L) => L.positions) ? 0.7 : 0);     // + the column labels
+  const xSpread = Math.min(8, Math.max(1, 0.92 * aspect * yRows / span));
+  // too wide even unspread (many positions or heads): spread the rows instead, to fill the screen
+  const ySpread = Math.max(1, span * xSpread / (0.92 * aspect * yRows));
+  function place(L, x, y, p = 0) {
+    const yScale = (SIDE ? yMax / L.arch.n_layers : 1) * ySpread;
     const xOffset = SIDE ? widths.slice(0, L.li).reduce((a, b) => a + b + 1.5, 0) : 0;
-    return { x: (x + xOffset) * xSpread, y: (y + 1) * yScale };
+    return { x: (x + p * L.colWidth + xOffset) * xSpread, y: (y + 1) * yScale };
   }
 
   // ---- graph ---------------------------------------------------------------------------------
   const graph = new graphology.MultiDirectedGraph();
   const base = graph;
   layouts.forEach((L) => {
-    L.nodes.forEach((n, i) => {
-      const p = place(L, n.x, n.y);
-      base.addNode(nodeKey(L.li, n.id), {
-        x: p.x, y: p.y, size: 3, color: KIND_COLOUR[n.kind], kind: n.kind, li: L.li, index: i,
-        label: n.role ? `${n.id} · ${n.role}` : n.id,
+    for (let p = 0; p < L.P; p++) {
+      L.nodes.forEach((n, i) => {
+        const xy = place(L, n.x, n.y, p);
+        base.addNode(nodeKey(L.li, n.id, p), {
+          x: xy.x, y: xy.y, size: 3, color: KIND_COLOUR[n.kind], kind: n.kind, li: L.li, index: i, pos: p,
+          label: L.positions ? n.id + at(L, p) : n.role ? `${n.id} · ${n.role}` : n.id,   // many columns: short labels
+        });
       });
-    });
-    L.receivers.forEach((rec, r) => {
-      if (!rec.port) return;
-      const p = place(L, rec.port[0], rec.port[1]);
-      base.addNode(portKey(L.li, r), { x: p.x, y: p.y, size: 2.4, color: PORT_COLOUR[rec.channel], kind: "port",
-                                       li: L.li, receiver: r, label: null });
-    });
-    const right = place(L, Math.max(...L.nodes.map((n) => n.x)) + 1.4, 0);   // room for the last column's labels
+      L.receivers.forEach((rec, r) => {
+        if (!rec.port) return;
+        const xy = place(L, rec.port[0], rec.port[1], p);
+        base.addNode(portKey(L.li, r, p), { x: xy.x, y: xy.y, size: 2.4, color: PORT_COLOUR[rec.channel], kind: "port",
+                                            li: L.li, receiver: r, pos: p, label: null });
+      });
+      if (L.positions) {                                          // column labels under the input row
+        const xy = place(L, (L.colWidth - 1.8) / 2, -1.6, p);
+        base.addNode(`${SIDE ? L.li + "/" : ""}col:${p}`, { x: xy.x, y: xy.y, size: 0.01, color: "#fff", kind: "row", pos: p,
+                                                           label: `pos ${L.positions[p]}`, forceLabel: true });
+      }
+    }
+    const right = place(L, L.P * L.colWidth - (L.positions ? 0.8 : 0) + 0.4, 0);   // room for the last column's labels
     base.addNode(`${SIDE ? L.li + "/" : ""}row:margin`, { x: right.x, y: right.y, size: 0.01, color: "#fff", kind: "row", label: null });
     for (let layer = 0; layer < L.arch.n_layers; layer++) {      // row labels on the left
-      const p = place(L, -1.3, layer);
-      base.addNode(`${SIDE ? L.li + "/" : ""}row:${layer}`, { x: p.x, y: p.y, size: 0.01, color: "#fff", kind: "row",
+      const xy = place(L, -1.3, layer);
+      base.addNode(`${SIDE ? L.li + "/" : ""}row:${layer}`, { x: xy.x, y: xy.y, size: 0.01, color: "#fff", kind: "row",
                                                             label: `layer ${layer}`, forceLabel: true });
     }
   });
+  const allNodes = graph.nodes();
 
   // ---- state ---------------------------------------------------------------------------------
   const circuits = DATA.circuits;
+  // largest |score| of each circuit: edge widths and opacities are relative to it, so an edge's
+  // look does not depend on what else is drawn and a redraw touches only the edges that change
+  const maxAbs = circuits.map((c) => (c.edges.score ? c.edges.score.reduce((m, x) => Math.max(m, Math.abs(x)), 0) : 0));
   const view = {
     circuit: 0, mode: "saved", n: circuits[0].n_edges, prune: true,
     overlay: DATA.mode !== "single" && !SIDE, a: 0, b: 1,
     focus: null, focusNodes: null, focusEdges: null, matches: null,
-    drawn: [], hidden: 0, selected: 0, circuitNodes: new Set(), usedPorts: new Set(),
-    firstFrameMs: null, lastRedrawMs: null, pendingSince: null,
+    drawn: [], drawnKeys: new Map(), hidden: 0, selected: 0, circuitNodes: new Set(), usedPorts: new Set(),
+    indexedNodes: new Set(),   // circuit nodes when sigma last indexed the graph (placed labels)
+    firstFrameMs: null, lastRedrawMs: null, pendingSince: null, inputAt: null, lastJsMs: null, lastRefresh: null,
   };
+
+  // ---- edges of the ranked lists -------------------------------------------------------------
+  // d: {ci, i, key, member?}: edge i of circuit ci's ranked list
+  function ends(d) {
+    const c = circuits[d.ci], L = layoutOf(d.ci), E = c.edges;
+    const p = E.p ? E.p[d.i] : 0, r = E.r[d.i], rec = L.receivers[r];
+    return { c, L, p, s: E.s[d.i], r, rec,
+             source: nodeKey(L.li, L.nodes[E.s[d.i]].id, p),
+             target: rec.port ? portKey(L.li, r, p) : nodeKey(L.li, L.nodes[rec.targets[0]].id, p) };
+  }
+  function edgeName(d) {
+    const e = ends(d), tag = at(e.L, e.p);
+    return `${e.L.nodes[e.s].id}${tag}->${e.rec.name}${tag}`;
+  }
 
   // ---- selection: the saved mask, or the top n by |score| pruned like select.prune -----------
   function savedSelection(c) {
@@ -91,6 +132,7 @@
     return out;
   }
 
+  // Position-aware edges prune as select.prune does them: by the edges kept at any position.
   function prune(c, L, ranks) {
     const S = L.n_senders, E = c.edges;
     const live = new Uint8Array(S); live[0] = 1;
@@ -122,30 +164,38 @@
 
   // ---- drawing -------------------------------------------------------------------------------
   // One graph for the page's lifetime. An edge enters it the first time it is drawn and stays;
-  // what is drawn now is view.drawnKeys, applied by the reducers. (Mutating or swapping the graph
-  // bound to sigma re-indexes it edge by edge, several times slower than a reducer pass.)
+  // what is drawn now is view.drawnKeys, applied by the reducers. A redraw that adds no edge to
+  // the graph re-reduces only the edges whose drawn state changed (sigma's partial refresh);
+  // adding edges re-indexes the graph once. (Swapping the graph bound to sigma re-indexes it edge
+  // by edge, several times slower.)
   const RGB = { pos: "43,108,176", neg: "197,48,48", none: "85,85,85", shared: "47,133,90", a: "49,130,206", b: "213,63,140" };
-  function edgeColour(score, rel, member, strong) {
-    // opacity by |score| so that the strongest edges stand out of a dense circuit
-    const alpha = (strong ? 0.5 + 0.5 * rel : 0.4 + 0.6 * rel).toFixed(2);
+  function edgeColour(score, rel, member, strong, thin) {
+    // opacity by |score| so that the strongest edges stand out of a dense circuit; the thin
+    // (weaker) ones fainter still, so that thousands of them stay a backdrop
+    const alpha = (strong ? 0.5 + 0.5 * rel : thin ? 0.12 + 0.88 * rel : 0.4 + 0.6 * rel).toFixed(2);
     const rgb = member ? RGB[member] : score === null ? RGB.none : score >= 0 ? RGB.pos : RGB.neg;
-    return `rgba(${rgb},${alpha})`;
+    return rgba(rgb, alpha);
   }
 
-  function ensureEdge(d) {
-    if (graph.hasEdge(d.key)) return;
-    const c = circuits[d.ci], L = layoutOf(d.ci);
-    const s = c.edges.s[d.i], r = c.edges.r[d.i];
-    const rec = L.receivers[r];
-    const target = rec.port ? portKey(L.li, r) : nodeKey(L.li, L.nodes[rec.targets[0]].id);
-    graph.addEdgeWithKey(d.key, nodeKey(L.li, L.nodes[s].id), target,
-                         { ci: d.ci, i: d.i, score: c.edges.score ? c.edges.score[d.i] : null, size: 1, color: "#000" });
-    if (rec.port && !graph.hasEdge(`link:${target}:${rec.targets[0]}`)) {
-      for (const t of rec.targets) {
-        graph.addEdgeWithKey(`link:${target}:${t}`, target, nodeKey(L.li, L.nodes[t].id),
-                             { link: true, size: 0.8, color: "rgba(160,174,192,0.9)" });
+  // Adds the edge (and its port's links) to the graph unless there; true when it added it.
+  function ensureEdge(d, rank) {
+    if (graph.hasEdge(d.key)) return false;
+    const e = ends(d);
+    const score = e.c.edges.score ? e.c.edges.score[d.i] : null;
+    const rel = score === null || !maxAbs[d.ci] ? 0.5 : Math.abs(score) / maxAbs[d.ci];
+    const member = d.member || null;                 // an edge's look is fixed: the reducer only picks one
+    const thin = rank >= THICK;
+    graph.addEdgeWithKey(d.key, e.source, e.target, { ci: d.ci, i: d.i, score, rel, member,
+                                                      type: thin ? "line" : "rect", size: 0.6 + 3.4 * rel,
+                                                      color: edgeColour(score, rel, member, false, thin), strong: edgeColour(score, rel, member, true, thin),
+                                                      zIndex: member === "shared" ? 1 : 0 });
+    if (e.rec.port && !graph.hasEdge(`link:${e.target}:${e.rec.targets[0]}`)) {
+      for (const t of e.rec.targets) {
+        graph.addEdgeWithKey(`link:${e.target}:${t}`, e.target, nodeKey(e.L.li, e.L.nodes[t].id, e.p),
+                             { link: true, type: "line", size: 0.8, color: rgba("160,174,192", 0.9) });
       }
     }
+    return true;
   }
 
   function drawSelection(list) {
@@ -154,49 +204,62 @@
     const drawn = list.length > MAX_DRAWN ? list.slice(0, MAX_DRAWN) : list;
     view.hidden = list.length - drawn.length;
     view.drawn = drawn;
-    // Hidden edges still cost a reducer pass on every redraw: start afresh when they dominate.
-    // While edges are added sigma's graph listeners are off: one full refresh afterwards is
-    // cheaper than its per-edge updates (unbind/bindGraphHandlers: sigma 3.0's own, used by setGraph).
+    const before = view.drawnKeys, portsBefore = view.usedPorts;
+    // While edges are added sigma's graph listeners are off: one refresh afterwards is cheaper
+    // than its per-edge updates (unbind/bindGraphHandlers: sigma 3.0's own, used by setGraph).
     const quiet = renderer && typeof renderer.unbindGraphHandlers === "function";
     if (quiet) renderer.unbindGraphHandlers();
-    if (graph.size > 3 * drawn.length + 3000) graph.clearEdges();
+    let reindex = false;
+    // Hidden edges still cost a reducer pass and a slot in the drawing buffers: start afresh when they dominate.
+    if (graph.size > 3 * drawn.length + 3000 && graph.size > 2 * MAX_DRAWN + 3000) { graph.clearEdges(); reindex = true; }
     view.drawnKeys = new Map();
     view.circuitNodes = new Set();
     view.usedPorts = new Set();
-    let top = 0;
-    for (const d of drawn) {
-      ensureEdge(d);
+    drawn.forEach((d, rank) => {
+      if (ensureEdge(d, d.member ? rank : d.i)) reindex = true;      // a circuit's own edges: by their rank in it
       view.drawnKeys.set(d.key, d.member || null);
-      const c = circuits[d.ci], L = layoutOf(d.ci);
-      if (c.edges.score) top = Math.max(top, Math.abs(c.edges.score[d.i]));
-      const rec = L.receivers[c.edges.r[d.i]];
-      view.circuitNodes.add(nodeKey(L.li, L.nodes[c.edges.s[d.i]].id));
-      for (const t of rec.targets) view.circuitNodes.add(nodeKey(L.li, L.nodes[t].id));
-      if (rec.port) view.usedPorts.add(portKey(L.li, c.edges.r[d.i]));
-    }
-    view.top = top;
-    // thinner lines when there are many: less to rasterize (no GPU: SwiftShader), less of a hairball
-    view.edgeBase = drawn.length > 4000 ? 0.5 : 0.8;
-    view.edgeSpan = drawn.length > 4000 ? 2.5 : 3.7;
+      const e = ends(d);
+      view.circuitNodes.add(e.source);
+      for (const t of e.rec.targets) view.circuitNodes.add(nodeKey(e.L.li, e.L.nodes[t].id, e.p));
+      if (e.rec.port) view.usedPorts.add(e.target);
+    });
     if (quiet) renderer.bindGraphHandlers();
     // node sizes by importance, within what is drawn
     view.nodeSize = new Map();
     layouts.forEach((L) => {
-      const ns = circuits[SIDE ? L.li : view.circuit].node_scores;
+      const c = circuits[SIDE ? L.li : view.circuit];
       let max = 0;
-      L.nodes.forEach((n, i) => { if (ns && view.circuitNodes.has(nodeKey(L.li, n.id))) max = Math.max(max, ns[i]); });
-      L.nodes.forEach((n, i) => {
-        const key = nodeKey(L.li, n.id);
-        if (view.circuitNodes.has(key)) view.nodeSize.set(key, 4 + 6 * (ns && max > 0 ? Math.sqrt(ns[i] / max) : 0.5));
-      });
+      for (let p = 0; p < L.P; p++) {
+        L.nodes.forEach((n, i) => { if (c.node_scores && view.circuitNodes.has(nodeKey(L.li, n.id, p))) max = Math.max(max, nodeScore(c, L, i, p)); });
+      }
+      for (let p = 0; p < L.P; p++) {
+        L.nodes.forEach((n, i) => {
+          const key = nodeKey(L.li, n.id, p);
+          if (view.circuitNodes.has(key)) view.nodeSize.set(key, 4 + 6 * (c.node_scores && max > 0 ? Math.sqrt(nodeScore(c, L, i, p) / max) : 0.5));
+        });
+      }
     });
-    clearFocus(false);
+    // What the renderer must redo: everything (after new edges, or when a node joins the
+    // circuit: labels are placed when sigma indexes), or only the edges that changed.
+    for (const k of view.circuitNodes) if (!view.indexedNodes.has(k)) { reindex = true; break; }
+    if (reindex) view.changed = null;
+    else {
+      const edges = [];
+      for (const k of view.drawnKeys.keys()) if (!before.has(k)) edges.push(k);
+      for (const k of before.keys()) if (!view.drawnKeys.has(k) && graph.hasEdge(k)) edges.push(k);
+      for (const port of portsBefore) if (!view.usedPorts.has(port)) graph.forEachOutEdge(port, (k) => { edges.push(k); });
+      for (const port of view.usedPorts) if (!portsBefore.has(port)) graph.forEachOutEdge(port, (k) => { edges.push(k); });
+      view.changed = edges;
+    }
+    if (view.focus) { view.changed = null; clearFocus(false); }
     updateStatus();
   }
 
   function redraw() {
     const started = performance.now();
-    if (view.pendingSince === null) view.pendingSince = started;
+    // from the slider's input event when it asked for this redraw, else from now
+    view.pendingSince = view.inputAt !== null ? view.inputAt : view.pendingSince !== null ? view.pendingSince : started;
+    view.inputAt = null;
     if (SIDE) {
       const list = [];
       circuits.forEach((c, ci) => savedSelection(c).forEach((i) => list.push({ ci, i, key: `e${ci}:${i}` })));
@@ -210,18 +273,27 @@
       drawSelection(ranks.map((i) => ({ ci: view.circuit, i, key: `e${view.circuit}:${i}` })));
     }
     if (renderer) {
-      // Edge hover draws every edge a second time (sigma's picking pass): on only while that is cheap.
-      const edgeEvents = view.drawn.length <= EDGE_HOVER_MAX;
-      if (renderer.getSetting("enableEdgeEvents") !== edgeEvents) renderer.setSetting("enableEdgeEvents", edgeEvents);
-      renderer.refresh();
+      if (view.changed === null || view.changed.length) refresh(view.changed);
+      else markFrame();                              // nothing to redraw (e.g. above the cap): only the status changed
     }
-    view.lastJsMs = performance.now() - started;   // selection, pruning, sigma's refresh; not the GPU's raster
+    view.lastJsMs = performance.now() - started;   // selection, pruning, sigma's refresh; not the rasterizing
+  }
+
+  // A full refresh (edges: null) or one of these edges and every node.
+  function refresh(edges) {
+    view.lastRefresh = edges === null ? "full" : edges.length;
+    if (edges === null) { view.indexedNodes = new Set(view.circuitNodes); renderer.refresh(); }
+    else renderer.refresh({ partialGraph: { nodes: allNodes, edges }, skipIndexation: true });
+  }
+
+  function nodeScore(c, L, i, p) {
+    return !c.node_scores ? null : L.positions ? c.node_scores[p][i] : c.node_scores[i];
   }
 
   // ---- overlay -------------------------------------------------------------------------------
   function edgeIds(c, L) {
-    const R = L.receivers.length, m = new Map();
-    for (const i of savedSelection(c)) m.set(c.edges.s[i] * R + c.edges.r[i], i);
+    const R = L.receivers.length, SR = L.n_senders * R, m = new Map();
+    for (const i of savedSelection(c)) m.set((c.edges.p ? c.edges.p[i] * SR : 0) + c.edges.s[i] * R + c.edges.r[i], i);
     return m;
   }
 
@@ -229,8 +301,9 @@
     const L = layouts[0], A = circuits[view.a], B = circuits[view.b];
     const ea = edgeIds(A, L), eb = edgeIds(B, L);
     const list = [];
-    for (const [id, i] of ea) list.push({ ci: view.a, i, key: `o:${id}`, member: eb.has(id) ? "shared" : "a", id });
-    for (const [id, i] of eb) if (!ea.has(id)) list.push({ ci: view.b, i, key: `o:${id}`, member: "b", id });
+    const pair = `o${view.a}-${view.b}:`;            // an edge's look depends on the pair compared
+    for (const [id, i] of ea) list.push({ ci: view.a, i, key: pair + id, member: eb.has(id) ? "shared" : "a", id });
+    for (const [id, i] of eb) if (!ea.has(id)) list.push({ ci: view.b, i, key: pair + id, member: "b", id });
     const strength = (d) => { const sc = circuits[d.ci].edges.score; return sc ? Math.abs(sc[d.i]) : 0; };
     list.sort((x, y) => strength(y) - strength(x));
     return list;
@@ -260,15 +333,20 @@
   }
 
   // ---- focus: a node's ancestors and descendants within what is drawn -----------------------
+  // At position grain an edge into a head's k or v at position p reaches that head at p and at
+  // every later position (causal attention reads earlier keys and values); q, MLP and logits
+  // inputs stay at their position.
   function drawnNodeGraph() {
     const succ = new Map(), pred = new Map();
     const push = (m, k, v) => { if (!m.has(k)) m.set(k, []); m.get(k).push(v); };
     for (const d of view.drawn) {
-      const c = circuits[d.ci], L = layoutOf(d.ci);
-      const s = nodeKey(L.li, L.nodes[c.edges.s[d.i]].id);
-      for (const t of L.receivers[c.edges.r[d.i]].targets) {
-        const tk = nodeKey(L.li, L.nodes[t].id);
-        push(succ, s, tk); push(pred, tk, s);
+      const e = ends(d);
+      const last = e.L.positions && (e.rec.channel === "k" || e.rec.channel === "v") ? e.L.P - 1 : e.p;
+      for (const t of e.rec.targets) {
+        for (let q = e.p; q <= last; q++) {
+          const tk = nodeKey(e.L.li, e.L.nodes[t].id, q);
+          push(succ, e.source, tk); push(pred, tk, e.source);
+        }
       }
     }
     return { succ, pred };
@@ -290,13 +368,13 @@
     const up = new Set([...anc, key]), down = new Set([...desc, key]);
     const edges = new Set(), ports = new Set();
     for (const d of view.drawn) {
-      const c = circuits[d.ci], L = layoutOf(d.ci);
-      const s = nodeKey(L.li, L.nodes[c.edges.s[d.i]].id);
-      const targets = L.receivers[c.edges.r[d.i]].targets.map((t) => nodeKey(L.li, L.nodes[t].id));
-      if (down.has(s) || targets.some((t) => up.has(t))) {
+      const e = ends(d);
+      const last = e.L.positions && (e.rec.channel === "k" || e.rec.channel === "v") ? e.L.P - 1 : e.p;
+      let onPath = down.has(e.source);
+      for (const t of e.rec.targets) for (let q = e.p; q <= last && !onPath; q++) onPath = up.has(nodeKey(e.L.li, e.L.nodes[t].id, q));
+      if (onPath) {
         edges.add(d.key);
-        const rec = L.receivers[c.edges.r[d.i]];
-        if (rec.port) ports.add(portKey(L.li, c.edges.r[d.i]));
+        if (e.rec.port) ports.add(e.target);
       }
     }
     view.focus = key;
@@ -306,13 +384,13 @@
     view.focusEdges = edges;
     view.focusPorts = ports;
     showNode(key, true);
-    if (renderer) renderer.refresh({ skipIndexation: true });
+    if (renderer) refresh(null);
   }
 
-  function clearFocus(refresh) {
+  function clearFocus(redrawNow) {
     view.focus = view.focusNodes = view.focusEdges = view.focusPorts = null;
     view.focusAncestors = view.focusDescendants = null;
-    if (refresh && renderer) renderer.refresh({ skipIndexation: true });
+    if (redrawNow && renderer) refresh(null);
   }
 
   // ---- details -------------------------------------------------------------------------------
@@ -325,12 +403,13 @@
     if (n.layer >= 0 && n.kind !== "logits") rows.push(["layer", n.layer]);
     if (n.head !== undefined) rows.push(["head", n.head]);
     if (n.kv_group) rows.push(["KV group", `kv${n.kv_group.group} (${n.kv_group.heads.join(", ")})`]);
+    if (L.positions) rows.push(["position", esc(L.positions[a.pos])]);
     if (n.role) rows.push(["role", `<b>${esc(n.role)}</b>`]);
     for (const [k, v] of Object.entries(n)) {
       if (["id", "kind", "layer", "head", "x", "y", "kv_group", "role"].includes(k)) continue;
       rows.push([k.replace(/_/g, " "), esc(typeof v === "object" ? JSON.stringify(v) : typeof v === "number" ? fmt(v) : v)]);
     }
-    if (c.node_scores) rows.push(["score", `<span class="node-score">${fmt(c.node_scores[a.index])}</span> <span class="muted">(summed |score| of its edges out${n.kind === "logits" ? "; in, for the logits" : ""})</span>`]);
+    if (c.node_scores) rows.push(["score", `<span class="node-score">${fmt(nodeScore(c, L, a.index, a.pos))}</span> <span class="muted">(summed |score| of its edges out${L.positions ? " at this position" : ""}${n.kind === "logits" ? "; in, for the logits" : ""})</span>`]);
     if (!view.circuitNodes.has(key)) rows.push(["", '<span class="muted">not in the drawn circuit</span>']);
     else {
       let nin = 0, nout = 0;
@@ -339,7 +418,7 @@
       graph.forEachOutEdge(key, (e) => { if (count(e)) nout++; });
       if (L.nodes[a.index].kind === "head") {       // edges into its q/k/v ports
         L.receiversOfNode[a.index].forEach((r) => {
-          const pk = portKey(L.li, r);
+          const pk = portKey(L.li, r, a.pos);
           if (graph.hasNode(pk)) graph.forEachInEdge(pk, (e) => { if (count(e)) nin++; });
         });
       }
@@ -353,11 +432,11 @@
     if (a.link) return null;
     const c = circuits[a.ci], L = layoutOf(a.ci);
     const s = c.edges.s[a.i], r = c.edges.r[a.i], rec = L.receivers[r];
-    const name = `${L.nodes[s].id}->${rec.name}`;
+    const name = edgeName({ ci: a.ci, i: a.i });
     const rows = [["edge", `<b>${esc(name)}</b>`], ["into", rec.channel + (rec.kv_group !== undefined ? ` of KV group ${rec.kv_group} (${rec.targets.map((t) => L.nodes[t].id).join(", ")})` : "")]];
     if (a.member) {
       const ids = [view.a, view.b].map((ci) => edgeIds(circuits[ci], L));
-      const id = s * L.receivers.length + r;
+      const id = (c.edges.p ? c.edges.p[a.i] * L.n_senders * L.receivers.length : 0) + s * L.receivers.length + r;
       rows.push(["in", a.member === "shared" ? "both circuits" : `only ${circuits[a.member === "a" ? view.a : view.b].name}`]);
       [view.a, view.b].forEach((ci, k) => {
         const sc = circuits[ci].edges.score;
@@ -377,7 +456,7 @@
     const a = graph.getNodeAttributes(key);
     if (a.kind === "port") {
       const L = layouts[a.li], rec = L.receivers[a.receiver];
-      $("details").innerHTML = table([["input", `<b>${esc(rec.name)}</b>`], ["feeds", rec.targets.map((t) => esc(L.nodes[t].id)).join(", ")],
+      $("details").innerHTML = table([["input", `<b>${esc(rec.name + at(L, a.pos))}</b>`], ["feeds", rec.targets.map((t) => esc(L.nodes[t].id + at(L, a.pos))).join(", ")],
                                       ["drawn edges in", graph.inEdges(key).filter((e) => view.drawnKeys.has(e)).length]]);
       return;
     }
@@ -438,7 +517,7 @@
         if (ct) html += `<br>${ct}`;
       }
     }
-    if (edges > EDGE_HOVER_MAX) html += `<br><span class="muted">edge hover is off above ${EDGE_HOVER_MAX.toLocaleString("en-US")} drawn edges (it doubles the drawing work): hover or click nodes, or lower the size</span>`;
+    if (edges > THICK) html += `<br><span class="muted">edge hover: the ${THICK.toLocaleString("en-US")} strongest edges (drawn thick); for the thin ones hover or click their nodes, or lower the size</span>`;
     st.innerHTML = html;
     const note = $("hidden-note");
     note.hidden = view.hidden === 0;
@@ -466,7 +545,9 @@
       html += '<div class="muted">edge width and opacity: |score|</div>';
     }
     html += '<div class="muted">rows: layers, input at the bottom, logits on top; edges run upwards into the q/k/v inputs under each head' +
-      (layouts[0].arch.grouped ? " (k/v under the middle of their KV group, linked to its heads)" : "") + "</div>";
+      (layouts[0].arch.grouped ? " (k/v under the middle of their KV group, linked to its heads)" : "") +
+      (layouts.some((L) => L.positions) ? "; columns: token positions, every node once per position (an edge s@p→r@p stays at " +
+        "its position; attention carries what enters a head's k/v at p on to later positions)" : "") + "</div>";
     const src = layouts.map((L) => L.roles_source).filter(Boolean);
     html += `<div class="muted">${src.length ? "head roles from " + esc(src.join("; ")) : "no head roles in the circuit file"}</div>`;
     $("legend").innerHTML = html;
@@ -541,10 +622,13 @@
 
   function search(q, jump) {
     q = q.trim().toLowerCase();
-    if (!q) { view.matches = null; $("search-result").textContent = ""; renderer.refresh({ skipIndexation: true }); return; }
+    if (!q) { view.matches = null; $("search-result").textContent = ""; refresh(null); return; }
     const found = [];
     layouts.forEach((L) => L.nodes.forEach((n) => {
-      if (n.id.toLowerCase() === q || n.id.toLowerCase().startsWith(q) || (n.role && n.role.toLowerCase().includes(q))) found.push(nodeKey(L.li, n.id));
+      for (let p = 0; p < L.P; p++) {
+        const key = nodeKey(L.li, n.id, p), k = key.toLowerCase();
+        if (n.id.toLowerCase() === q || k === q || k.startsWith(q) || n.id.toLowerCase().startsWith(q) || (n.role && n.role.toLowerCase().includes(q))) found.push(key);
+      }
     }));
     view.matches = new Set(found);
     $("search-result").textContent = found.length ? `${plural(found.length, "match")}: ${found.slice(0, 8).join(", ")}${found.length > 8 ? " …" : ""}` : "no node matches";
@@ -553,11 +637,16 @@
       focusOn(exact);
       const d = renderer.getNodeDisplayData(exact);
       if (d) renderer.getCamera().animate({ x: d.x, y: d.y, ratio: 0.35 }, { duration: 300 });
-    } else renderer.refresh({ skipIndexation: true });
+    } else refresh(null);
   }
 
   // ---- renderer ------------------------------------------------------------------------------
   let renderer = null;
+  // 1-px lines without a picking pass (sigma gives every edge program of a pickable layer one)
+  class UnpickedLines extends Sigma.rendering.EdgeLineProgram {
+    constructor(gl, pickingBuffer, renderer) { super(gl, null, renderer); }
+  }
+  let markFrame = () => {};
   const tooltip = $("tooltip");
   function showTooltip(html, ev) {
     tooltip.innerHTML = html;
@@ -573,10 +662,17 @@
     view.n = circuits[view.circuit].n_edges;
     $("topn").value = view.n;
     $("slider").value = nToSlider(view.n);
+    // The strongest edges enter the graph before sigma first indexes it: the slider then only
+    // shows and hides them (a partial refresh) and re-indexes only for weaker ones.
+    const c0 = circuits[view.circuit];
+    if (!view.overlay && !SIDE && c0.has_scores) {
+      for (let i = 0; i < Math.min(MAX_DRAWN, c0.edges.s.length); i++) ensureEdge({ ci: view.circuit, i, key: `e${view.circuit}:${i}` }, i);
+    }
     redraw();
     $("loading").remove();
     renderer = new Sigma(graph, $("graph"), {
-      defaultEdgeType: "line", renderEdgeLabels: false, enableEdgeEvents: view.drawn.length <= EDGE_HOVER_MAX, hideEdgesOnMove: true,
+      defaultEdgeType: "line", renderEdgeLabels: false,
+      edgeProgramClasses: { line: UnpickedLines, rect: Sigma.rendering.EdgeRectangleProgram }, enableEdgeEvents: true, hideEdgesOnMove: true,
       labelDensity: 1, labelGridCellSize: 36, labelRenderedSizeThreshold: 4, labelSize: 11,
       labelColor: { color: "#2d3748" }, zIndex: true, minCameraRatio: 0.05, maxCameraRatio: 4,
       nodeReducer: (key, a) => {
@@ -601,36 +697,36 @@
           if (!view.usedPorts.has(port)) return { ...a, hidden: true };
           return view.focus && !view.focusPorts.has(port) ? { ...a, color: FADED } : a;
         }
-        if (!view.drawnKeys.has(key)) return { ...a, hidden: true };
-        const member = view.drawnKeys.get(key);
-        const rel = a.score === null || !view.top ? 0.5 : Math.abs(a.score) / view.top;
-        const out = { ...a, size: view.edgeBase + view.edgeSpan * rel, color: edgeColour(a.score, rel, member, false), member,
-                      zIndex: member === "shared" ? 1 : 0 };
+        if (!view.drawnKeys.has(key)) { a.hidden = true; return a; }     // `a` is sigma's own copy
         if (view.focus) {
-          if (view.focusEdges.has(key)) { out.zIndex = 2; out.color = edgeColour(a.score, rel, member, true); }
-          else { out.color = FADED; out.zIndex = 0; }
+          if (view.focusEdges.has(key)) { a.zIndex = 2; a.color = a.strong; }
+          else { a.color = FADED; a.zIndex = 0; }
         }
-        return out;
+        return a;
       },
     });
+    view.indexedNodes = new Set(view.circuitNodes);      // the constructor has indexed the graph
     // Timings: from navigation start (first frame) or from the slider's input event (redraw) to
     // the next animation frame after sigma has drawn, when the browser has composited it.
-    const drawn = () => requestAnimationFrame(() => {
+    markFrame = () => requestAnimationFrame(() => {
       const now = performance.now();
       if (view.firstFrameMs === null) view.firstFrameMs = now;
-      if (view.pendingSince !== null) { view.lastRedrawMs = now - view.pendingSince; view.pendingSince = null; }
-      const st = $("status");
-      st.dataset.rendered = String(Number(st.dataset.rendered || 0) + 1);
+      // `rendered` counts the frames that answer a redraw (not hover or highlight): tests wait on it
+      if (view.pendingSince !== null || view.firstFrameMs === now) {
+        if (view.pendingSince !== null) { view.lastRedrawMs = now - view.pendingSince; view.pendingSince = null; }
+        const st = $("status");
+        st.dataset.rendered = String(Number(st.dataset.rendered || 0) + 1);
+      }
     });
-    renderer.on("afterRender", drawn);
-    drawn();                                  // the constructor has drawn the first frame already
+    renderer.on("afterRender", markFrame);
+    markFrame();                              // the constructor has drawn the first frame already
     renderer.on("enterNode", ({ node, event }) => {
       const a = graph.getNodeAttributes(node);
       if (a.kind === "row") return;
       showNode(node, false);
       if (a.kind === "port") { showTooltip(esc(layouts[a.li].receivers[a.receiver].name), event); return; }
-      const n = layouts[a.li].nodes[a.index], c = circuits[SIDE ? a.li : view.circuit];
-      showTooltip(`<b>${esc(n.id)}</b>${n.role ? " · " + esc(n.role) : ""}${c.node_scores ? `<br>score <span class="tip-score">${fmt(c.node_scores[a.index])}</span>` : ""}` +
+      const L = layouts[a.li], n = L.nodes[a.index], c = circuits[SIDE ? a.li : view.circuit];
+      showTooltip(`<b>${esc(n.id)}${at(L, a.pos)}</b>${n.role ? " · " + esc(n.role) : ""}${c.node_scores ? `<br>score <span class="tip-score">${fmt(nodeScore(c, L, a.index, a.pos))}</span>` : ""}` +
                   (n.kv_group ? `<br>KV group kv${n.kv_group.group}` : ""), event);
     });
     renderer.on("leaveNode", () => { tooltip.style.display = "none"; if (view.focus) showNode(view.focus, true); });
@@ -639,12 +735,12 @@
       if (!rows) return;
       $("details").innerHTML = table(rows);
       const a = graph.getEdgeAttributes(edge), c = circuits[a.ci], L = layoutOf(a.ci);
-      showTooltip(`${esc(L.nodes[c.edges.s[a.i]].id)}→${esc(L.receivers[c.edges.r[a.i]].name)}${a.score !== null && a.score !== undefined ? `<br>score ${fmt(a.score)}` : ""}`, event);
+      showTooltip(`${esc(edgeName({ ci: a.ci, i: a.i }).replace("->", "→"))}${a.score !== null && a.score !== undefined ? `<br>score ${fmt(a.score)}` : ""}`, event);
     });
     renderer.on("leaveEdge", () => { tooltip.style.display = "none"; });
     renderer.on("clickNode", ({ node }) => {
       const a = graph.getNodeAttributes(node);
-      if (a.kind === "port") { const L = layouts[a.li]; focusOn(nodeKey(a.li, L.nodes[L.receivers[a.receiver].targets[0]].id)); return; }
+      if (a.kind === "port") { const L = layouts[a.li]; focusOn(nodeKey(a.li, L.nodes[L.receivers[a.receiver].targets[0]].id, a.pos)); return; }
       if (a.kind === "row") return;
       if (view.focus === node) clearFocus(true); else focusOn(node);
     });
@@ -652,7 +748,7 @@
 
     let queued = null;
     $("slider").addEventListener("input", (ev) => {
-      view.pendingSince = performance.now();
+      if (view.inputAt === null) view.inputAt = performance.now();   // the first input not yet answered
       const n = sliderToN(+ev.target.value);
       if (queued !== null) cancelAnimationFrame(queued);    // coalesce fast drags into one redraw per frame
       queued = requestAnimationFrame(() => { queued = null; setTopN(n); });
@@ -671,13 +767,13 @@
     data: DATA, view, graph,
     get renderer() { return renderer; },
     counts: () => ({ nodes: view.circuitNodes.size, edges: view.drawn.length, hidden: view.hidden, selected: view.selected }),
-    drawnEdgeNames: () => view.drawn.map((d) => { const c = circuits[d.ci], L = layoutOf(d.ci); return `${L.nodes[c.edges.s[d.i]].id}->${L.receivers[c.edges.r[d.i]].name}`; }),
+    drawnEdgeNames: () => view.drawn.map(edgeName),
     drawnNodes: () => [...view.circuitNodes],
     setTopN, setSaved, focusOn, clearFocus: () => clearFocus(true),
     highlighted: () => view.focus ? { node: view.focus, ancestors: [...view.focusAncestors], descendants: [...view.focusDescendants],
-      edges: view.drawn.filter((d) => view.focusEdges.has(d.key)).map((d) => { const c = circuits[d.ci], L = layoutOf(d.ci); return `${L.nodes[c.edges.s[d.i]].id}->${L.receivers[c.edges.r[d.i]].name}`; }) } : null,
+      edges: view.drawn.filter((d) => view.focusEdges.has(d.key)).map(edgeName) } : null,
     overlayFigures: () => (view.overlay ? overlayFigures() : null),
-    edgeColours: () => Object.fromEntries(view.drawn.map((d) => { const c = circuits[d.ci], L = layoutOf(d.ci); return [`${L.nodes[c.edges.s[d.i]].id}->${L.receivers[c.edges.r[d.i]].name}`, view.drawnKeys.get(d.key) || renderer.getEdgeDisplayData(d.key).color]; })),
+    edgeColours: () => Object.fromEntries(view.drawn.map((d) => [edgeName(d), view.drawnKeys.get(d.key) || renderer.getEdgeDisplayData(d.key).color])),
     nodeViewport: (key) => { const d = renderer.getNodeDisplayData(key); return d ? renderer.framedGraphToViewport(d) : null; },
     timings: () => ({ firstFrameMs: view.firstFrameMs, lastRedrawMs: view.lastRedrawMs }),
   };
