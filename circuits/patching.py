@@ -280,11 +280,22 @@ class _KeptGroupDeltas:
         if 2 * len(used) <= len(own):                                       # few: read only those
             own, keep = own[used.to(own.device)], keep[:, used]
         out = base[self.groups.order].expand(R, -1, -1).clone()                       # sorted tokens
-        at = set(torch.nonzero(keep.reshape(keep.shape[0], -1).any(1)).flatten().tolist())
+        # per position, only the receivers with a kept edge there and the senders of those edges
+        nonzero = keep != 0
+        rows_at, senders_at = nonzero.any(1).tolist(), nonzero.any(2).tolist()
         for p, a, b in self.groups.spans():
-            if p in at:
-                out[:, a:b].view(R, -1).addmm_(keep[p].transpose(0, 1), own[:, a:b].reshape(len(own), -1),
-                                               alpha=-1)
+            rows = [r for r, x in enumerate(rows_at[p]) if x]
+            if not rows:
+                continue
+            senders = [s for s, x in enumerate(senders_at[p]) if x]
+            src, c = own[:, a:b].reshape(len(own), -1), keep[p]                               # [k, T_p·d], [k, R]
+            if 4 * len(senders) <= 3 * len(own):
+                src, c = src[senders], c[senders]
+            dst = out[:, a:b].view(R, -1)
+            if 4 * len(rows) <= 3 * R:
+                dst.index_add_(0, torch.tensor(rows, device=dst.device), c[:, rows].transpose(0, 1) @ src, alpha=-1)
+            else:
+                dst.addmm_(c.transpose(0, 1), src, alpha=-1)
         return out[:, self.groups.inverse]
 
 
