@@ -279,8 +279,11 @@ class _KeptGroupDeltas:
             return base.expand(R, -1, -1).clone()
         if 2 * len(used) <= len(own):                                       # few: read only those
             own, keep = own[used.to(own.device)], keep[:, used]
-        out = base[self.groups.order].expand(R, -1, -1).clone()                       # sorted tokens
-        # per position, only the receivers with a kept edge there and the senders of those edges
+        out = base.expand(R, -1, -1).clone()                                            # token order
+        flat = out.view(-1, self.d)
+        N = out.shape[1]
+        # per position, only the receivers with a kept edge there and the senders of those edges;
+        # their kept terms are subtracted at those receivers' tokens of that position
         nonzero = keep != 0
         rows_at, senders_at = nonzero.any(1).tolist(), nonzero.any(2).tolist()
         for p, a, b in self.groups.spans():
@@ -291,12 +294,10 @@ class _KeptGroupDeltas:
             src, c = own[:, a:b].reshape(len(own), -1), keep[p]                               # [k, T_p·d], [k, R]
             if 4 * len(senders) <= 3 * len(own):
                 src, c = src[senders], c[senders]
-            dst = out[:, a:b].view(R, -1)
-            if 4 * len(rows) <= 3 * R:
-                dst.index_add_(0, torch.tensor(rows, device=dst.device), c[:, rows].transpose(0, 1) @ src, alpha=-1)
-            else:
-                dst.addmm_(c.transpose(0, 1), src, alpha=-1)
-        return out[:, self.groups.inverse]
+            rows_t = torch.tensor(rows, device=out.device)
+            at = (rows_t[:, None] * N + self.groups.order[a:b][None, :]).reshape(-1)
+            flat.index_add_(0, at, (c[:, rows].transpose(0, 1) @ src).view(-1, self.d), alpha=-1)
+        return out
 
 
 def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False):
