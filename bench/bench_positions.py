@@ -1,6 +1,7 @@
 """Position-aware EAP and circuit evaluation against the plain model, ratios in one run.
 
     nice -n 10 python bench/bench_positions.py [--model random:gpt2-small] [--n 32] [--len 16] [--threads 2]
+                                               [--clock cpu]
 
 Floors as in bench_methods.py: F = one forward of the plain Hugging Face model, FB = one forward
 and backward of it. Prints: position-aware EAP / (2F + 1B) (with the position-summed EAP of the
@@ -9,12 +10,15 @@ P × E position-edges by EAP), and peak memory of position-aware EAP over one pl
 forward+backward (fresh subprocesses). Targets: ≤ 1.5, ≤ 1.5, ≤ 2.
 
 Each time is paired with its floor measured right before it (the ratio's median over repeats is
-reported), so the machine's speed drifting between phases does not enter the ratios.
+reported), so the machine's speed drifting between phases does not enter the ratios. `--clock cpu`
+times process CPU time instead of wall time: on a shared machine whose jobs are paused and resumed,
+wall-clock ratios swing by 2x between runs (use it with --threads 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -29,19 +33,22 @@ import time
 from bench_methods import _status_kib, hf_module, make
 
 
-def paired(op, floors, repeat=3):
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def paired(op, floors, repeat=3, clock=time.perf_counter):
     """Median over repeats of time(op) / Σ time(floor), each floor timed just before op."""
     op()                                             # warm-up
     ratios = []
     for _ in range(repeat):
         base = 0.0
         for floor in floors:
-            t = time.perf_counter()
+            t = clock()
             floor()
-            base += time.perf_counter() - t
-        t = time.perf_counter()
+            base += clock() - t
+        t = clock()
         op()
-        ratios.append((time.perf_counter() - t) / base)
+        ratios.append((clock() - t) / base)
     return round(statistics.median(ratios), 3)
 
 
@@ -88,6 +95,7 @@ def main():
     ap.add_argument("--len", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -116,21 +124,23 @@ def main():
     pos = evaluation.prepare(model, task, positions=positions.of_task(task))
     scores = methods.get("eap").score(pos)
     result = {"model": args.model, "batch": [args.n, args.len], "threads": args.threads,
-              "positions": pos.n_positions, "position_edges": pos.n_edges}
+              "positions": pos.n_positions, "position_edges": pos.n_edges, "clock": args.clock}
     t = time.perf_counter()
     plain_forward()
     emit(result, "F_seconds_once", round(time.perf_counter() - t, 3))
     r = args.repeat
-    emit(result, "eap_positions_over_2F_plus_B", paired(lambda: methods.get("eap").score(pos), [plain_forward, plain_fb], r))
-    emit(result, "eap_plain_over_2F_plus_B", paired(lambda: methods.get("eap").score(plain), [plain_forward, plain_fb], r))
+    clock = CLOCK[args.clock]
+    timed = functools.partial(paired, clock=clock)
+    emit(result, "eap_positions_over_2F_plus_B", timed(lambda: methods.get("eap").score(pos), [plain_forward, plain_fb], r))
+    emit(result, "eap_plain_over_2F_plus_B", timed(lambda: methods.get("eap").score(plain), [plain_forward, plain_fb], r))
     for share in (0.01, 0.10):
         mask = select.prune(g, select.top_n(g, scores, int(share * pos.n_edges)))
         emit(result, f"eval_positions_pruned_top{int(share * 100)}pct_edges", int(mask.sum()))
         emit(result, f"eval_positions_pruned_top{int(share * 100)}pct_over_F",
-             paired(lambda mask=mask: pos.metric(mask), [plain_forward], r))
+             timed(lambda mask=mask: pos.metric(mask), [plain_forward], r))
     plain_mask = select.prune(g, select.top_n(g, scores.sum(0), g.n_edges // 10))
-    emit(result, "eval_plain_pruned_top10pct_over_F", paired(lambda: plain.metric(plain_mask), [plain_forward], r))
-    emit(result, "eval_positions_full_over_F", paired(lambda: pos.metric(pos.full_mask()), [plain_forward], r))
+    emit(result, "eval_plain_pruned_top10pct_over_F", timed(lambda: plain.metric(plain_mask), [plain_forward], r))
+    emit(result, "eval_positions_full_over_F", timed(lambda: pos.metric(pos.full_mask()), [plain_forward], r))
     if args.no_memory:
         print(json.dumps(result, indent=1))
         return

@@ -58,6 +58,17 @@ class Circuit:
         return [n for n, keep in zip(self.graph.nodes, nodes.tolist()) if keep]
 
 
+def position_summed(circuit: Circuit) -> Circuit:
+    """The plain view of a position-aware circuit: an edge is kept if it is kept at any position,
+    its score is the sum over positions (the plain EAP's score, for attribution scores)."""
+    if circuit.positions is None:
+        return circuit
+    scores = None if circuit.scores is None else pos.summed(circuit.scores)
+    provenance = {**circuit.provenance, "summed_over_positions": list(circuit.positions)}
+    return Circuit(circuit.graph, circuit.plain_mask, scores, provenance, None, circuit.neurons,
+                   circuit.neuron_scores)
+
+
 def kv_group_label(graph: Graph, layer: int, group: int) -> str:
     """`a23.kv1 (h3,h4,h5)`: a KV group under GQA names the query heads that share it."""
     per = graph.arch.n_heads // graph.arch.n_kv_heads

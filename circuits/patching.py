@@ -241,6 +241,75 @@ class _KeptDeltas:
         return out.view(R, self.B * self.P, self.d)
 
 
+class _KeptGroupDeltas:
+    """`_KeptDeltas` at position grain (one variant from the start of the forward, groups given):
+
+        Σ_{s<n} coef[p,s,r]·δ_s = Σ_{s<n} δ_s − Σ_{s<n} (1 − coef[p,s,r])·δ_s   on the tokens of p.
+
+    Only senders with a kept edge at some position are stored (tokens sorted by position), and a
+    layer's patch reads only those with a kept edge into that layer's receivers: a sparse
+    position-aware circuit reads a few senders per layer instead of every earlier one."""
+
+    def __init__(self, coef: torch.Tensor, allowed: torch.Tensor, boundaries, groups: TokenGroups,
+                 B: int, P: int, d: int, like: torch.Tensor):
+        keep = ((coef[0] != 1) & allowed.to(coef.device)).any(0).any(1).cpu()     # [S]
+        self.kept = torch.nonzero(keep).flatten()
+        self.slot = {int(s): i for i, s in enumerate(self.kept.tolist())}
+        self.own = like.new_empty(len(self.slot), B * P, d)                 # [k, B·P, d] tokens sorted
+        self.total = like.new_zeros(B * P, d)                               # token order
+        self.snap = {0: None}
+        self.boundaries = set(boundaries)
+        self.groups = groups
+        self.n = 0
+        self.B, self.P, self.d = B, P, d
+
+    def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
+        B, P, d = self.B, self.P, self.d
+        diff = (ablated - out.reshape(B, P, d)).reshape(B * P, d)
+        i = self.slot.get(s)
+        if i is not None:
+            torch.index_select(diff, 0, self.groups.order, out=self.own[i])
+        self.total += diff
+        self.n = s + 1
+        if self.n in self.boundaries:
+            self.snap[self.n] = self.total.clone()
+
+    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
+        """coef: [1, G, n_senders − first, R] → [R, B·P, d]; senders [0, n_senders) have run."""
+        assert self.n == n_senders and first in self.snap, "patch read out of order"
+        base = self.total if self.snap[first] is None else self.total - self.snap[first]
+        R = coef.shape[-1]
+        i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
+        if i1 == i0:
+            return base.expand(R, -1, -1).clone()
+        own = self.own[i0:i1]
+        keep = 1 - coef[0][:, (self.kept[i0:i1] - first).to(coef.device)]                 # [G, k, R]
+        used = torch.nonzero((keep != 0).any(2).any(0)).flatten()          # kept into these receivers
+        if len(used) == 0:
+            return base.expand(R, -1, -1).clone()
+        if 2 * len(used) <= len(own):                                       # few: read only those
+            own, keep = own[used.to(own.device)], keep[:, used]
+        out = base.expand(R, -1, -1).clone()                                            # token order
+        flat = out.view(-1, self.d)
+        N = out.shape[1]
+        # per position, only the receivers with a kept edge there and the senders of those edges;
+        # their kept terms are subtracted at those receivers' tokens of that position
+        nonzero = keep != 0
+        rows_at, senders_at = nonzero.any(1).tolist(), nonzero.any(2).tolist()
+        for p, a, b in self.groups.spans():
+            rows = [r for r, x in enumerate(rows_at[p]) if x]
+            if not rows:
+                continue
+            senders = [s for s, x in enumerate(senders_at[p]) if x]
+            src, c = own[:, a:b].reshape(len(own), -1), keep[p]                               # [k, T_p·d], [k, R]
+            if 4 * len(senders) <= 3 * len(own):
+                src, c = src[senders], c[senders]
+            rows_t = torch.tensor(rows, device=out.device)
+            at = (rows_t[:, None] * N + self.groups.order[a:b][None, :]).reshape(-1)
+            flat.index_add_(0, at, (c[:, rows].transpose(0, 1) @ src).view(-1, self.d), alpha=-1)
+        return out
+
+
 def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False):
     """q, k, v of one layer ([N, P, n, dh] each) and, with mlp_col, the stream entering the layer
     plus the MLP's patch from senders before s0 ([N·P, d]).
@@ -385,6 +454,9 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
                  and not torch.is_grad_enabled())
         if plain:
             deltas = _KeptDeltas(coef, graph.allowed, graph.sender_start, B, P, d, resid)
+        elif (prefix is None and V == 1 and groups is not None and off is None
+              and not torch.is_grad_enabled()):
+            deltas = _KeptGroupDeltas(coef, graph.allowed, graph.sender_start, groups, B, P, d, resid)
         else:
             deltas = _Deltas(prefix, graph.n_senders - n_prefix, V, B, P, d, resid, groups,
                              differentiable=differentiable)

@@ -88,3 +88,36 @@ def test_discover_neurons_and_export_to_mib(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["neurons"] == 30
     assert main(["discover", "random:gpt2-tiny", task, "--neurons", "--positions", "-o", out]) == 2
     assert "neuron masks are per sender" in capsys.readouterr().err
+
+
+def test_export_to_mib_sums_positions_when_asked(capsys, tmp_path):
+    task = _task_file(tmp_path)
+    a, m = str(tmp_path / "a.json"), str(tmp_path / "m.json")
+    assert main(["discover", "random:gpt2-tiny", task, "--positions", "--method", "eap", "--top-n", "12",
+                 "-o", a, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", a, "--format", "mib-json", "-o", m]) == 2
+    err = capsys.readouterr().err
+    assert "--sum-positions" in err and err.count("\n") == 1
+    assert main(["export", a, "--format", "mib-json", "--sum-positions", "-o", m]) == 0
+    with open(a) as f:
+        saved = json.load(f)
+    plain = {e.split("->")[0].split("@")[0] + "->" + e.split("->")[1].split("@")[0]
+             for e, v in saved["edges"].items() if v["in_graph"]}
+    with open(m) as f:
+        mib = json.load(f)
+    kept = {name for name, e in mib["edges"].items() if e["in_graph"]}
+    assert len(kept) == len(plain) > 0
+    name = sorted(kept)[0]
+    at = [v["score"] for e, v in saved["edges"].items()
+          if e.split("->")[0].split("@")[0] + "->" + e.split("->")[1].split("@")[0] == name]
+    assert len(at) == 2 and mib["edges"][name]["score"] == pytest.approx(sum(at), rel=1e-5, abs=1e-7)
+    capsys.readouterr()
+    assert main(["export", m.replace("m.json", "a.json"), "--format", "json", "--sum-positions",
+                 "-o", str(tmp_path / "plain.json")]) == 0
+    with open(tmp_path / "plain.json") as f:
+        flat = json.load(f)
+    assert flat.get("positions") is None and flat["provenance"]["summed_over_positions"] == ["X", "END"]
+    assert main(["export", str(tmp_path / "plain.json"), "--format", "json", "--sum-positions",
+                 "-o", str(tmp_path / "again.json")]) == 2
+    assert "not position-aware" in capsys.readouterr().err

@@ -229,6 +229,10 @@ def cmd_export(args) -> int:
     from circuits.io import formats, render
     refuse_overwriting_inputs([args.circuit], [args.output])
     circ = circuit_io.load(args.circuit)
+    if args.sum_positions:
+        if circ.positions is None:
+            raise ValueError(f"--sum-positions: {args.circuit} is not position-aware (it has no positions to sum)")
+        circ = circuit_io.position_summed(circ)
     fmt = args.format
     writers = {"json": circuit_io.save, "mib-json": formats.save_mib_json, "mib-pt": formats.save_mib_pt,
                "graphml": formats.save_graphml, "node-link": formats.save_node_link,
@@ -366,6 +370,9 @@ def add_tools(sub, add_common) -> None:
     p.add_argument("circuit")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--sum-positions", action="store_true",
+                   help="write a position-aware circuit's plain view: edges kept at any position, scores "
+                        "summed over positions (needed for the MIB formats, which have no positions)")
     p.set_defaults(func=cmd_export, outputs=lambda a: [(a.output, EXPORT_SUFFIXES[a.format], f"--format {a.format} output")])
 
     p = sub.add_parser("import", help="read an MIB/EAP-IG, GraphML or node-link circuit into a circuits file",

@@ -104,8 +104,9 @@ def _group_mib_edges(edges: dict, graph: Graph, source: str) -> dict:
 
 def _check_plain(circuit: Circuit) -> None:
     if circuit.positions is not None:
-        raise CircuitFileError("the MIB format has no token positions; export a position-aware circuit "
-                               "as circuits JSON (--format json)")
+        raise CircuitFileError("the MIB format has no token positions: export the position-summed circuit "
+                               "(circuits export --sum-positions), or keep the positions in circuits JSON "
+                               "(--format json)")
 
 
 def to_mib(circuit: Circuit) -> dict:

@@ -35,30 +35,46 @@ class Attribution:
     neurons: torch.Tensor | None = None
 
 
-class _ByPosition:
-    """Per-position sums Σ_{tokens of p} delta_s · G: tokens sorted by position, one matmul each."""
+class _Products:
+    """Per-token products Σ_d delta_s · G, summed over tokens in float64: into [S, R] scores, or
+    per position into [P, S, R] (`group`: the position of every token, [B·T]).
 
-    def __init__(self, chunk: Chunk, delta: torch.Tensor):
-        self.groups = chunk.groups.to(delta.device)
+    Both grains sum the same float32 per-token products, only grouped differently, and the sums
+    run in float64: so a position-aware score summed over positions is the plain score up to the
+    final rounding, whatever the scores' scale. (One float32 matmul over every token would round
+    differently from per-position matmuls by ~1e-6 of the scale.)"""
+
+    def __init__(self, delta: torch.Tensor, group: torch.Tensor | None):
         S, B, T, d = delta.shape
-        self.sorted = delta.float().reshape(S, B * T, d)[:, self.groups.order]          # [S, N, d]
+        self.flat = delta.float().reshape(S, B * T, d)                                # [S, N, d]
+        self.group = group
 
     def add(self, scores: torch.Tensor, G: torch.Tensor, n_in: int, cols: slice) -> None:
-        """G: [B, T, R_c, d] gradients of R_c receivers; adds into scores[:, :n_in, cols]."""
+        """G: [B, T, R_c, d] gradients of R_c receivers; adds into scores[(:,) :n_in, cols]."""
         B, T, Rc, d = G.shape
-        Gs = G.permute(0, 1, 3, 2).reshape(B * T, d, Rc)[self.groups.order]             # [N, d, R_c]
-        for p, a, b in self.groups.spans():
-            scores[p, :n_in, cols] += self.sorted[:n_in, a:b].reshape(n_in, -1) @ Gs[a:b].reshape(-1, Rc)
+        per_token = torch.bmm(self.flat[:n_in].transpose(0, 1),                          # [N, n_in, R_c]
+                              G.float().reshape(B * T, Rc, d).transpose(1, 2))
+        if self.group is None:
+            scores[:n_in, cols] += per_token.sum(0, dtype=torch.float64)
+        else:
+            scores[:, :n_in, cols].index_add_(0, self.group, per_token.double())
+
+    def add_rows(self, scores: torch.Tensor, per_row: torch.Tensor, group: torch.Tensor | None, col: int) -> None:
+        """per_row: [S, B] products at one token per row (the logits), `group` their positions."""
+        if group is None:
+            scores[:, col] += per_row.sum(1, dtype=torch.float64)
+        else:
+            scores[:, :, col].index_add_(0, group, per_row.T.double())
 
 
 def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: torch.Tensor,
-                          scores: torch.Tensor, objective: torch.Tensor,
-                          by_position: _ByPosition | None = None,
+                          scores: torch.Tensor, objective: torch.Tensor, products: _Products,
                           neurons: torch.Tensor | None = None, freeze_norm: bool = False) -> None:
-    """Add Σ_{b,p} delta_s · ∂objective/∂input_r into scores [S, R] (float32) for every edge.
+    """Add Σ_{b,p} delta_s · ∂objective/∂input_r into scores [S, R] (float64) for every edge.
 
-    delta: [S, B, P, d] ablated minus clean sender outputs. by_position: sum per position into
-    scores [P, S, R] instead. neurons: also add Σ_{b,p} delta_s ⊙ ∂objective/∂output_s into it, [S, d].
+    delta: [S, B, P, d] ablated minus clean sender outputs. At position grain (products with a
+    group) the sum is per position, into scores [P, S, R]. neurons: also add
+    Σ_{b,p} delta_s ⊙ ∂objective/∂output_s into it, [S, d].
     freeze_norm: each receiver's own norm with its scale statistic held constant (GIM), as the
     forward's norms were.
     """
@@ -71,7 +87,6 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
     grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, grads)]
     it = iter(grads)
     S = g.n_senders
-    flat = delta.float().reshape(S, -1)
     by_inputs: dict[int, torch.Tensor] = {}      # n_inputs → summed gradient of those receivers
 
     def collect(n: int, grad: torch.Tensor) -> None:
@@ -91,10 +106,7 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
             c0, c1 = g.attn_cols[layer]
             s0 = g.sender_start[layer]
             collect(s0, G.sum(2))
-            if by_position is not None:
-                by_position.add(scores, G, s0, slice(c0, c1))
-                continue
-            scores[:s0, c0:c1] += flat[:s0] @ G.permute(0, 1, 3, 2).reshape(-1, c1 - c0)
+            products.add(scores, G, s0, slice(c0, c1))
         elif key[0] == "mlp":
             layer = key[1]
             x = run.taps[key][0]
@@ -102,10 +114,7 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
             col = g.mlp_col[layer]
             n_in = int(g.n_inputs[col])
             collect(n_in, G)
-            if by_position is not None:
-                by_position.add(scores, G[:, :, None], n_in, slice(col, col + 1))
-                continue
-            scores[:n_in, col] += flat[:n_in] @ G.reshape(-1)
+            products.add(scores, G[:, :, None], n_in, slice(col, col + 1))
         else:
             x = run.taps[key][0]                                                 # [B, d] at positions
             G = C.norm_vjp(arch, x.detach()[:, None], w.ln_final[0], next(it)[:, None, None],
@@ -117,11 +126,10 @@ def _receiver_grad_scores(setup: Setup, chunk: Chunk, run: patching.Run, delta: 
                 full = torch.zeros(delta.shape[1:], dtype=torch.float32, device=delta.device)
                 full[rows, pos] = G.float()
                 collect(S, full)
-            if by_position is not None:
-                per_row = (at_pos * G[None]).sum(2)                              # [S, B]
-                scores[:, :, g.logits_col].index_add_(0, by_position.groups.group[rows, pos], per_row.T)
-                continue
-            scores[:, g.logits_col] += (at_pos * G[None]).sum((1, 2))
+            per_row = (at_pos * G.float()[None]).sum(2)                          # [S, B]
+            group = None if chunk.groups is None or products.group is None else \
+                chunk.groups.group.to(delta.device)[rows, pos]
+            products.add_rows(scores, per_row, group, g.logits_col)
     if neurons is not None:
         # sender s feeds every receiver with n_inputs > s: sum their gradients from the top down
         bounds = sorted(by_inputs)
@@ -157,7 +165,7 @@ def attribute(setup: Setup, alphas: list[float], mode: str, progress: bool = Fal
     g, w = setup.graph, setup.model.weights
     shape = (g.n_senders, g.n_receivers) if setup.positions is None else \
         (setup.positions.n, g.n_senders, g.n_receivers)
-    scores = torch.zeros(shape, dtype=torch.float32, device=w.device)
+    scores = torch.zeros(shape, dtype=torch.float64, device=w.device)      # float64 sums: see _Products
     neuron_scores = torch.zeros(g.n_senders, g.arch.d_model, device=w.device) if neurons else None
     n_total = len(setup.task)
     bar = tqdm(total=len(setup.chunks) * len(alphas), desc=f"gradients ({mode})", unit="step",
@@ -166,7 +174,8 @@ def attribute(setup: Setup, alphas: list[float], mode: str, progress: bool = Fal
         tokens = chunk.task.clean.to(w.device)
         clean_outputs = chunk.clean.outputs
         delta = _ablated_minus_clean(chunk, clean_outputs)
-        by_position = None if setup.positions is None else _ByPosition(chunk, delta)
+        group = None if setup.positions is None else chunk.groups.group.reshape(-1).to(w.device)
+        products = _Products(delta, group)
         clean_embed = patching.embed(w, tokens)
         corrupt_embed = None
         if mode == "inputs":
@@ -179,7 +188,7 @@ def attribute(setup: Setup, alphas: list[float], mode: str, progress: bool = Fal
                 with torch.enable_grad():
                     values = metric_values(setup.task.metric, kept.logits, chunk.task, chunk.clean_logits)
                     objective = values.sum() / (n_total * len(alphas))
-                    _receiver_grad_scores(setup, chunk, kept, delta, scores, objective, by_position,
+                    _receiver_grad_scores(setup, chunk, kept, delta, scores, objective, products,
                                           neuron_scores, freeze)
                 bar.update(1)
                 continue
@@ -195,8 +204,8 @@ def attribute(setup: Setup, alphas: list[float], mode: str, progress: bool = Fal
                                    embeds=embeds, stream=stream, grad_mods=mods)
                 values = metric_values(setup.task.metric, run.logits, chunk.task, chunk.clean_logits)
                 objective = values.sum() / (n_total * len(alphas))
-                _receiver_grad_scores(setup, chunk, run, delta, scores, objective, by_position, neuron_scores,
+                _receiver_grad_scores(setup, chunk, run, delta, scores, objective, products, neuron_scores,
                                       freeze)
             bar.update(1)
     bar.close()
-    return Attribution(scores, neuron_scores)
+    return Attribution(scores.float(), neuron_scores)
