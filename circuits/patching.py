@@ -274,10 +274,14 @@ class _KeptGroupDeltas:
         if self.n in self.boundaries:
             self.snap[self.n] = self.total.clone()
 
-    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0) -> torch.Tensor:
-        """coef: [1, G, n_senders − first, R] → [R, B·P, d]; senders [0, n_senders) have run."""
+    def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
+              plus: torch.Tensor | None = None) -> torch.Tensor:
+        """coef: [1, G, n_senders − first, R] → [R, B·P, d], `plus` ([B·P, d]) added to each;
+        senders [0, n_senders) have run."""
         assert self.n == n_senders and first in self.snap, "patch read out of order"
         base = self.total if self.snap[first] is None else self.total - self.snap[first]
+        if plus is not None:
+            base = base + plus.view(base.shape)
         R = coef.shape[-1]
         i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
         if i1 == i0:
