@@ -28,6 +28,10 @@ from circuits.model.adapters import Positional, Weights
 from circuits.positions import TokenGroups
 
 PATCH_CACHE_ENTRIES = 64
+# a kept-edges evaluation sums the kept terms for up to BLOCK_STAGES layers' receivers at once
+# (each stored δ read once per block), holding at most BLOCK_BYTES of sums
+BLOCK_STAGES = 8
+BLOCK_BYTES = 256 * 2**20
 
 
 class Ablation(Enum):
@@ -152,7 +156,7 @@ class _Deltas:
         return hit.clone()
 
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
-              plus: torch.Tensor | None = None) -> torch.Tensor:
+              plus: torch.Tensor | None = None, cols: list[int] | None = None) -> torch.Tensor:
         """coef: [V, n_senders − first, R] for senders [first, n_senders) → [R, V·B·P, d],
         receiver-major, with `plus` ([V·B·P, d]) added to every receiver's patch. With groups,
         coef is [V, G, n_senders − first, R]."""
@@ -199,17 +203,25 @@ class _KeptDeltas:
     keeps (coef < 1), usually a few of them. So a sparse circuit neither stores every sender's
     δ (S·B·P·d floats) nor reads them all at every layer."""
 
-    def __init__(self, coef: torch.Tensor, allowed: torch.Tensor, boundaries, B: int, P: int, d: int,
-                 like: torch.Tensor):
-        keep = ((coef[0] != 1) & allowed.to(coef.device)).any(1).cpu()        # [S] senders with a kept edge
+    def __init__(self, coef: torch.Tensor, graph: Graph, B: int, P: int, d: int, like: torch.Tensor):
+        keep = ((coef[0] != 1) & graph.allowed.to(coef.device)).any(1).cpu()  # [S] senders with a kept edge
         self.kept = torch.nonzero(keep).flatten()                             # sorted: slots follow senders
         self.slot = {int(s): i for i, s in enumerate(self.kept.tolist())}
         self.own = like.new_empty(len(self.slot), B * P * d)
         self.total = like.new_zeros(B * P * d)
         self.snap = {0: None}                                                 # running totals at layer starts
-        self.boundaries = set(boundaries)
+        self.boundaries = set(graph.sender_start)
         self.n = 0
         self.B, self.P, self.d = B, P, d
+        self.keep = 1 - coef[0]                                               # [S, R]
+        # receivers by the sender count they read from (a layer's start; the logits: every sender)
+        L = graph.arch.n_layers
+        self.stages = [graph.sender_start[l] for l in range(L)] + [graph.n_senders]
+        self.stage_cols = [list(range(*graph.attn_cols[l])) + ([graph.mlp_col[l]] if graph.mlp_col[l] >= 0 else [])
+                           for l in range(L)] + [[graph.logits_col]]
+        per_stage = max(len(c) for c in self.stage_cols) * B * P * d * like.element_size()
+        self.stages_per_block = max(1, min(BLOCK_STAGES, BLOCK_BYTES // max(1, per_stage)))
+        self.block = None             # (first stage, last stage + 1, kept slots read, {col: row}, sums)
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         B, P, d = self.B, self.P, self.d
@@ -223,14 +235,45 @@ class _KeptDeltas:
         if self.n in self.boundaries:
             self.snap[self.n] = self.total.clone()
 
+    def _block_for(self, stage: int):
+        """Kept terms from the senders before `stage`'s block into every receiver of the block, in
+        one matmul: each sender's δ is read once per block of layers, not once per layer."""
+        if self.block is not None and self.block[0] <= stage < self.block[1]:
+            return self.block
+        end = min(len(self.stages), stage + self.stages_per_block)
+        cols = [c for st in range(stage, end) for c in self.stage_cols[st]]
+        n_old = int(torch.searchsorted(self.kept, self.stages[stage]))
+        sums = None
+        if n_old:
+            k = self.keep[self.kept[:n_old].to(self.keep.device)][:, cols]                  # [k, n_cols]
+            sums = k.transpose(0, 1) @ self.own[:n_old]
+        self.block = (stage, end, n_old, {c: i for i, c in enumerate(cols)}, sums)
+        return self.block
+
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
-              plus: torch.Tensor | None = None) -> torch.Tensor:
+              plus: torch.Tensor | None = None, cols: list[int] | None = None) -> torch.Tensor:
         """coef: [1, n_senders − first, R] → [R, B·P, d], `plus` ([B·P, d]) added to each;
-        called when senders [0, n_senders) have run."""
+        called when senders [0, n_senders) have run. cols: the receiver columns coef's columns
+        are (first = 0, n_senders a layer start or every sender): then the patch comes from the
+        block sums and the senders since the block's start."""
         assert self.n == n_senders and first in self.snap, "patch read out of order"
         base = self.total if self.snap[first] is None else self.total - self.snap[first]
         if plus is not None:
             base = base + plus.reshape(-1)
+        if cols is not None and first == 0:
+            _, _, n_old, row, sums = self._block_for(self.stages.index(n_senders))
+            R = len(cols)
+            if sums is None:
+                out = base.expand(R, -1).clone()
+            else:
+                rows = [row[c] for c in cols]
+                mine = sums[rows[0] : rows[0] + R] if rows == list(range(rows[0], rows[0] + R)) else sums[rows]
+                out = torch.sub(base.expand(R, -1), mine)
+            i1 = int(torch.searchsorted(self.kept, n_senders))
+            if i1 > n_old:
+                k = self.keep[self.kept[n_old:i1].to(self.keep.device)][:, cols]            # [k, R]
+                out.addmm_(k.transpose(0, 1), self.own[n_old:i1], alpha=-1)
+            return out.view(R, self.B * self.P, self.d)
         R = coef.shape[2]
         i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
         if i1 > i0:
@@ -275,7 +318,7 @@ class _KeptGroupDeltas:
             self.snap[self.n] = self.total.clone()
 
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
-              plus: torch.Tensor | None = None) -> torch.Tensor:
+              plus: torch.Tensor | None = None, cols: list[int] | None = None) -> torch.Tensor:
         """coef: [1, G, n_senders − first, R] → [R, B·P, d], `plus` ([B·P, d]) added to each;
         senders [0, n_senders) have run."""
         assert self.n == n_senders and first in self.snap, "patch read out of order"
@@ -337,8 +380,10 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
             if 2 * len(u) <= len(idx):    # worth sharing; else keep column order (heads' rows are slices)
                 uniq, inverse = u, inv
         # the stream is added inside the patch's matmul: patched inputs = resid + patch
+        inv = inverse.tolist()
+        reps = [idx[inv.index(u)] for u in range(len(uniq))]                  # a column of each unique row
         patches = deltas.patch(uniq.view(-1, *coef.shape[:-2], s0).movedim(0, -1), s0,
-                               plus=resid.reshape(N * P, d))                        # [n_u, N·P, d]
+                               plus=resid.reshape(N * P, d), cols=reps)             # [n_u, N·P, d]
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
@@ -457,7 +502,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         plain = (prefix is None and V == 1 and groups is None and off is None
                  and not torch.is_grad_enabled())
         if plain:
-            deltas = _KeptDeltas(coef, graph.allowed, graph.sender_start, B, P, d, resid)
+            deltas = _KeptDeltas(coef, graph, B, P, d, resid)
         elif (prefix is None and V == 1 and groups is not None and off is None
               and not torch.is_grad_enabled()):
             deltas = _KeptGroupDeltas(coef, graph.allowed, graph.sender_start, groups, B, P, d, resid)
@@ -556,7 +601,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     col = graph.logits_col
     x = resid
     if active[col]:
-        x = resid + deltas.patch(coef[..., col : col + 1], graph.n_senders).view(resid.shape)
+        x = deltas.patch(coef[..., col : col + 1], graph.n_senders, plus=resid.reshape(-1, d), cols=[col]).view(resid.shape)
     if positions is not None:
         x = x[torch.arange(x.shape[0], device=x.device), positions]
     hf = C.norm(arch, x, w.ln_final, freeze)
