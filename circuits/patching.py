@@ -24,7 +24,7 @@ import torch
 
 from circuits.graph import Graph
 from circuits.model import components as C
-from circuits.model.adapters import Positional, Weights
+from circuits.model.adapters import Norm, Positional, Weights
 from circuits.positions import TokenGroups
 
 PATCH_CACHE_ENTRIES = 64
@@ -387,8 +387,11 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
-        if len(cols):
-            inputs = C.norm(arch, patches, lw.ln1, freeze_norm)                      # [n_u, N·P, d]
+        if len(cols):                     # many patched inputs per layer: the cheaper RMS norm
+            if arch.norm is Norm.RMS and not freeze_norm and not torch.is_grad_enabled():
+                inputs = C.rms_norm_no_grad(patches, lw.ln1[0], arch.norm_eps)        # [n_u, N·P, d]
+            else:
+                inputs = C.norm(arch, patches, lw.ln1, freeze_norm)
         group_of = dict(zip(cols.tolist(), inverse.tolist()))
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
