@@ -28,7 +28,7 @@ from circuits.model.adapters import Norm, Positional, Weights
 from circuits.positions import TokenGroups
 
 PATCH_CACHE_ENTRIES = 64
-# a kept-edges evaluation sums the kept terms for up to BLOCK_STAGES layers' receivers at once
+# a kept-edges evaluation sums the kept senders' terms for up to BLOCK_STAGES layers' receivers at once
 # (each stored δ read once per block), holding at most BLOCK_BYTES of sums
 BLOCK_STAGES = 8
 BLOCK_BYTES = 256 * 2**20
@@ -197,11 +197,12 @@ class _Deltas:
 class _KeptDeltas:
     """The same patches for one variant from the start of the forward, computed from the other side:
 
-        Σ_{s<n} coef[s,r]·δ_s = Σ_{s<n} δ_s − Σ_{s<n} (1 − coef[s,r])·δ_s
+        Σ_{s<n} coef[s,r]·δ_s = Σ_{s<n, none kept} δ_s + Σ_{s<n, some kept} coef[s,r]·δ_s
 
-    The first sum is one running total; the second runs over the senders with an edge the circuit
-    keeps (coef < 1), usually a few of them. So a sparse circuit neither stores every sender's
-    δ (S·B·P·d floats) nor reads them all at every layer."""
+    A sender none of whose edges the circuit keeps has coef 1 everywhere: the first sum is one
+    running total over those; the second runs over the senders with a kept edge (coef < 1),
+    usually a few of them. So a sparse circuit neither stores every sender's δ (S·B·P·d floats)
+    nor reads them all at every layer."""
 
     def __init__(self, coef: torch.Tensor, graph: Graph, B: int, P: int, d: int, like: torch.Tensor):
         keep = ((coef[0] != 1) & graph.allowed.to(coef.device)).any(1).cpu()  # [S] senders with a kept edge
@@ -213,7 +214,7 @@ class _KeptDeltas:
         self.boundaries = set(graph.sender_start)
         self.n = 0
         self.B, self.P, self.d = B, P, d
-        self.keep = 1 - coef[0]                                               # [S, R]
+        self.coef = coef[0]                                                   # [S, R]
         # receivers by the sender count they read from (a layer's start; the logits: every sender)
         L = graph.arch.n_layers
         self.stages = [graph.sender_start[l] for l in range(L)] + [graph.n_senders]
@@ -230,13 +231,12 @@ class _KeptDeltas:
             self.total += (ablated - out.reshape(B, P, d)).reshape(-1)
         else:
             torch.sub(ablated, out.reshape(B, P, d), out=self.own[i].view(B, P, d))
-            self.total += self.own[i]
         self.n = s + 1
         if self.n in self.boundaries:
             self.snap[self.n] = self.total.clone()
 
     def _block_for(self, stage: int):
-        """Kept terms from the senders before `stage`'s block into every receiver of the block, in
+        """The terms of senders with a kept edge, before `stage`'s block, into every receiver of the block, in
         one matmul: each sender's δ is read once per block of layers, not once per layer."""
         if self.block is not None and self.block[0] <= stage < self.block[1]:
             return self.block
@@ -245,7 +245,7 @@ class _KeptDeltas:
         n_old = int(torch.searchsorted(self.kept, self.stages[stage]))
         sums = None
         if n_old:
-            k = self.keep[self.kept[:n_old].to(self.keep.device)][:, cols]                  # [k, n_cols]
+            k = self.coef[self.kept[:n_old].to(self.coef.device)][:, cols]                  # [k, n_cols]
             sums = k.transpose(0, 1) @ self.own[:n_old]
         self.block = (stage, end, n_old, {c: i for i, c in enumerate(cols)}, sums)
         return self.block
@@ -268,17 +268,17 @@ class _KeptDeltas:
             else:
                 rows = [row[c] for c in cols]
                 mine = sums[rows[0] : rows[0] + R] if rows == list(range(rows[0], rows[0] + R)) else sums[rows]
-                out = torch.sub(base.expand(R, -1), mine)
+                out = torch.add(base.expand(R, -1), mine)
             i1 = int(torch.searchsorted(self.kept, n_senders))
             if i1 > n_old:
-                k = self.keep[self.kept[n_old:i1].to(self.keep.device)][:, cols]            # [k, R]
-                out.addmm_(k.transpose(0, 1), self.own[n_old:i1], alpha=-1)
+                k = self.coef[self.kept[n_old:i1].to(self.coef.device)][:, cols]            # [k, R]
+                out.addmm_(k.transpose(0, 1), self.own[n_old:i1])
             return out.view(R, self.B * self.P, self.d)
         R = coef.shape[2]
         i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
         if i1 > i0:
-            keep = 1 - coef[0, (self.kept[i0:i1] - first).to(coef.device)]     # [k, R]
-            out = torch.addmm(base.expand(R, -1), keep.transpose(0, 1), self.own[i0:i1], alpha=-1)
+            mine = coef[0, (self.kept[i0:i1] - first).to(coef.device)]           # [k, R]
+            out = torch.addmm(base.expand(R, -1), mine.transpose(0, 1), self.own[i0:i1])
         else:
             out = base.expand(R, -1).clone()
         return out.view(R, self.B * self.P, self.d)
