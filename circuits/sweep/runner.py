@@ -8,10 +8,12 @@ started, job started/done/failed/retried, worker died) with times and pids.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
@@ -166,20 +168,24 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
             show()
             bar.update(1)
 
+    def submit_free() -> None:
+        busy = {slot_model.get(s) for s in inflight}
+        for slot in range(pool.size):
+            if slot in inflight or not pending:
+                continue
+            job = _pick(pending, slot_model.get(slot), pool.resources[slot], busy)
+            if job is None:
+                continue
+            pool.submit(slot, job)
+            inflight[slot] = (job, time.perf_counter())
+            slot_model[slot] = job.model_key
+            busy.add(job.model_key)
+            log("start", job=job.name, slot=slot, pid=pids.get(slot), attempt=attempts[job.key] + 1)
+
     try:
         while pending or inflight:
-            busy = {slot_model.get(s) for s in inflight}
-            for slot in range(pool.size):
-                if slot in inflight or not pending:
-                    continue
-                job = _pick(pending, slot_model.get(slot), pool.resources[slot], busy)
-                if job is None:
-                    continue
-                pool.submit(slot, job)
-                inflight[slot] = (job, time.perf_counter())
-                slot_model[slot] = job.model_key
-                busy.add(job.model_key)
-                log("start", job=job.name, slot=slot, pid=pids.get(slot), attempt=attempts[job.key] + 1)
+            submit_free()
+            finished = []
             for ev in pool.events(timeout=0.5):
                 if ev.kind == "ready":
                     pid, startup = ev.payload
@@ -210,6 +216,9 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
                 if outcome.error is not None:
                     failure(job, outcome.error)
                     continue
+                finished.append((job, outcome))
+            submit_free()                  # the workers get their next jobs before the files are written
+            for job, outcome in finished:
                 _save(outcome.circuit, out / job.name)
                 result.done.append(job.key)
                 result.job_seconds[job.key] = outcome.seconds
@@ -300,6 +309,9 @@ def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo) -
         result.workers = pool.size
         echo(f"sweep: {len(result.jobs)} jobs ({len(result.skipped)} done before, {len(todo)} to run) "
              f"on {pool.size} {where} -> {out}")
+        # the driver writes the circuit files (torch): import it while the workers start, not
+        # when the first result arrives and the workers wait for their next jobs
+        threading.Thread(target=importlib.import_module, args=("circuits.circuit",), daemon=True).start()
         bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=quiet, dynamic_ncols=True)
         try:
             _schedule(pool, todo, out, log, result, bar)
