@@ -18,6 +18,7 @@ LAYERS = [
      "circuits.tasks.builtin", "circuits.methods.registry"],
     ["circuits.graph", "circuits.positions", "circuits.tasks.mib", "circuits.tasks.files",
      "circuits.tasks.generators"],
+    ["circuits.patch_sums"],
     ["circuits.patching"],
     ["circuits.model"],                                   # loading wraps, builds the graph, checks by patching
     ["circuits.evaluation", "circuits.circuit"],
