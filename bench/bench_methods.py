@@ -125,6 +125,24 @@ def acdc_cost(setup, g, scores, F, budget):
                               for k, v in measured.items()}
 
 
+def floors(m, tokens):
+    """The floors every ratio divides by: one plain forward of the Hugging Face module (no grad,
+    full logits) and one forward + backward (parameter gradients), as two callables."""
+    for p in m.parameters():
+        p.requires_grad_(True)
+
+    def plain_forward():
+        with torch.no_grad():
+            m(tokens)
+
+    def plain_fb():
+        out = m(tokens)
+        out = getattr(out, "logits", out)
+        out[:, -1].logsumexp(-1).sum().backward()
+        m.zero_grad(set_to_none=True)
+    return plain_forward, plain_fb
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="random:gpt2-small")
@@ -138,22 +156,9 @@ def main():
         return child(args)
     torch.set_num_threads(args.threads)
     from circuits import methods, select
-    from circuits.methods.acdc import acdc
 
     model, task, evaluation = make(args.model, args.n, args.len)
-    m = hf_module(model)
-    for p in m.parameters():
-        p.requires_grad_(True)
-
-    def plain_forward():
-        with torch.no_grad():
-            m(task.clean)
-
-    def plain_fb():
-        out = m(task.clean)
-        out = getattr(out, "logits", out)
-        out[:, -1].logsumexp(-1).sum().backward()
-        m.zero_grad(set_to_none=True)
+    plain_forward, plain_fb = floors(hf_module(model), task.clean)
 
     # the floor is re-measured around each slow phase: this machine's speed drifts by 10-20%
     F = timeit(plain_forward, repeat=7)

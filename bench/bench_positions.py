@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import statistics
 import time
 
-from bench_methods import _status_kib, hf_module, make
-
+from bench_methods import _status_kib, floors, hf_module, make
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -105,19 +104,7 @@ def main():
     from circuits import methods, positions, select
 
     model, task, evaluation = make(args.model, args.n, args.len)
-    m = hf_module(model)
-    for p in m.parameters():
-        p.requires_grad_(True)
-
-    def plain_forward():
-        with torch.no_grad():
-            m(task.clean)
-
-    def plain_fb():
-        out = m(task.clean)
-        out = getattr(out, "logits", out)
-        out[:, -1].logsumexp(-1).sum().backward()
-        m.zero_grad(set_to_none=True)
+    plain_forward, plain_fb = floors(hf_module(model), task.clean)
 
     g = model.graph
     plain = evaluation.prepare(model, task)
