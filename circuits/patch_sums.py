@@ -171,14 +171,18 @@ class KeptDeltas:
     A sender none of whose edges the circuit keeps has coef 1 everywhere: the first sum is one
     running total over those; the second runs over the senders with a kept edge (coef < 1),
     usually a few of them. So a sparse circuit neither stores every sender's δ (S·B·P·d floats)
-    nor reads them all at every layer."""
+    nor reads them all at every layer.
+
+    The kept δs are stored token-major, [B·P, k, d]: a block's sums are then one batched matmul
+    [R, k] @ [k, d] per token, about 2.5× faster on CPU than [R, k] @ [k, B·P·d], whose output
+    rows are too long to stay in cache. Patches come out as [R, B·P, d] views of [B·P, R, d]."""
 
     def __init__(self, coef: torch.Tensor, graph: Graph, B: int, P: int, d: int, like: torch.Tensor):
         keep = ((coef[0] != 1) & graph.allowed.to(coef.device)).any(1).cpu()  # [S] senders with a kept edge
         self.kept = torch.nonzero(keep).flatten()                             # sorted: slots follow senders
         self.slot = {int(s): i for i, s in enumerate(self.kept.tolist())}
-        self.own = like.new_empty(len(self.slot), B * P * d)
-        self.total = like.new_zeros(B * P * d)
+        self.own = like.new_empty(B * P, len(self.slot), d)                   # [B·P, k, d]
+        self.total = like.new_zeros(B * P, d)
         self.snap = {0: None}                                                 # running totals at layer starts
         self.boundaries = set(graph.sender_start)
         self.n = 0
@@ -189,17 +193,21 @@ class KeptDeltas:
         self.stages = [graph.sender_start[l] for l in range(L)] + [graph.n_senders]
         self.stage_cols = [list(range(*graph.attn_cols[l])) + ([graph.mlp_col[l]] if graph.mlp_col[l] >= 0 else [])
                            for l in range(L)] + [[graph.logits_col]]
-        per_stage = max(len(c) for c in self.stage_cols) * B * P * d * like.element_size()
-        self.stages_per_block = max(1, min(BLOCK_STAGES, BLOCK_BYTES // max(1, per_stage)))
+        widest = max(len(c) for c in self.stage_cols)
+        self.stages_per_block = max(1, min(BLOCK_STAGES, BLOCK_BYTES // max(1, widest * B * P * d * like.element_size())))
+        # one buffer for every block's sums (a fresh one per block costs its page faults again)
+        most = max(sum(len(c) for c in self.stage_cols[i : i + self.stages_per_block])
+                   for i in range(len(self.stage_cols)))
+        self.buffer = like.new_empty(B * P * most * d) if len(self.slot) else None
         self.block = None             # (first stage, last stage + 1, kept slots read, {col: row}, sums)
 
     def put(self, s: int, ablated: torch.Tensor, out: torch.Tensor) -> None:
         B, P, d = self.B, self.P, self.d
         i = self.slot.get(s)
         if i is None:
-            self.total += (ablated - out.reshape(B, P, d)).reshape(-1)
+            self.total += (ablated - out.reshape(B, P, d)).view(B * P, d)
         else:
-            torch.sub(ablated, out.reshape(B, P, d), out=self.own[i].view(B, P, d))
+            torch.sub(ablated, out.reshape(B, P, d), out=self.own[:, i].view(B, P, d))
         self.n = s + 1
         if self.n in self.boundaries:
             self.snap[self.n] = self.total.clone()
@@ -215,42 +223,45 @@ class KeptDeltas:
         sums = None
         if n_old:
             k = self.coef[self.kept[:n_old].to(self.coef.device)][:, cols]                  # [k, n_cols]
-            sums = k.transpose(0, 1) @ self.own[:n_old]
+            sums = self.buffer[: self.B * self.P * len(cols) * self.d].view(self.B * self.P, len(cols), self.d)
+            torch.matmul(k.transpose(0, 1).contiguous(), self.own[:, :n_old], out=sums)     # [B·P, n_cols, d]
         self.block = (stage, end, n_old, {c: i for i, c in enumerate(cols)}, sums)
         return self.block
 
     def patch(self, coef: torch.Tensor, n_senders: int, first: int = 0,
               plus: torch.Tensor | None = None, cols: list[int] | None = None) -> torch.Tensor:
-        """coef: [1, n_senders − first, R] → [R, B·P, d], `plus` ([B·P, d]) added to each;
+        """coef: [1, n_senders − first, R] → [R, B·P, d] (a view), `plus` ([B·P, d]) added to each;
         called when senders [0, n_senders) have run. cols: the receiver columns coef's columns
         are (first = 0, n_senders a layer start or every sender): then the patch comes from the
         block sums and the senders since the block's start."""
         assert self.n == n_senders and first in self.snap, "patch read out of order"
         base = self.total if self.snap[first] is None else self.total - self.snap[first]
         if plus is not None:
-            base = base + plus.reshape(-1)
+            base = base + plus.view(base.shape)
+        base = base[:, None]                                                  # [B·P, 1, d]
         if cols is not None and first == 0:
             _, _, n_old, row, sums = self._block_for(self.stages.index(n_senders))
             R = len(cols)
             if sums is None:
-                out = base.expand(R, -1).clone()
+                out = base.expand(-1, R, -1).clone()
             else:
                 rows = [row[c] for c in cols]
-                mine = sums[rows[0] : rows[0] + R] if rows == list(range(rows[0], rows[0] + R)) else sums[rows]
-                out = torch.add(base.expand(R, -1), mine)
+                # each receiver's rows are read once (its layer's one patch), so they are finished in place
+                contiguous = rows == list(range(rows[0], rows[0] + R))
+                out = (sums[:, rows[0] : rows[0] + R] if contiguous else sums[:, rows]).add_(base)
             i1 = int(torch.searchsorted(self.kept, n_senders))
             if i1 > n_old:
                 k = self.coef[self.kept[n_old:i1].to(self.coef.device)][:, cols]            # [k, R]
-                out.addmm_(k.transpose(0, 1), self.own[n_old:i1])
-            return out.view(R, self.B * self.P, self.d)
+                out.add_(torch.matmul(k.transpose(0, 1), self.own[:, n_old:i1]))
+            return out.transpose(0, 1)
         R = coef.shape[2]
         i0, i1 = (int(torch.searchsorted(self.kept, x)) for x in (first, n_senders))
         if i1 > i0:
             mine = coef[0, (self.kept[i0:i1] - first).to(coef.device)]           # [k, R]
-            out = torch.addmm(base.expand(R, -1), mine.transpose(0, 1), self.own[i0:i1])
+            out = torch.matmul(mine.transpose(0, 1), self.own[:, i0:i1]).add_(base)
         else:
-            out = base.expand(R, -1).clone()
-        return out.view(R, self.B * self.P, self.d)
+            out = base.expand(-1, R, -1).clone()
+        return out.transpose(0, 1)
 
 
 class KeptGroupDeltas:

@@ -63,7 +63,7 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
     """
     N, P, d = resid.shape
     shared_norm = None
-    inputs = None
+    inputs = scale = fold = None
     mlp_patch = None
     group_of: dict[int, int] = {}
     if len(cols) or mlp_col >= 0:
@@ -82,22 +82,33 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
         if mlp_col >= 0:
             mlp_patch = patches[inverse[-1]]
             inverse = inverse[:-1]
-        if len(cols):                     # many patched inputs per layer: the cheaper RMS norm
+        if len(cols):
             if arch.norm is Norm.RMS and not freeze_norm and not torch.is_grad_enabled():
-                inputs = C.rms_norm_no_grad(patches, lw.ln1[0], arch.norm_eps)        # [n_u, N·P, d]
+                # norm(x) @ W = (x @ (w ⊙ W)) · rms_inverse(x): the scale goes on the projections
+                # (e numbers per token and head), no normalized copy of each patched input is made
+                inputs, scale, fold = patches, C.rms_inverse(patches, arch.norm_eps), lw.ln1[0]
             else:
-                inputs = C.norm(arch, patches, lw.ln1, freeze_norm)
+                inputs = C.norm(arch, patches, lw.ln1, freeze_norm)                  # [n_u, N·P, d]
         group_of = dict(zip(cols.tolist(), inverse.tolist()))
+
+    def project_patched(u: int, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The projections [N, P, n, e] of patched input u."""
+        x = inputs[u].view(N, P, d)
+        if fold is None:
+            return C.project(x, W, b)
+        return C.project(x, W * fold[:, None], None).mul_(scale[u].view(N, P, 1, 1)).add_(b)
+
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
     for offset, n, W, b in ((0, H, lw.W_Q, lw.b_Q), (H, KV, lw.W_K, lw.b_K), (H + KV, KV, lw.W_V, lw.b_V)):
         groups = [group_of.get(offset + h) for h in range(n)]
         if n > 1 and None not in groups and len(set(groups)) > 1:
             if groups == list(range(groups[0], groups[0] + n)):
-                x = inputs[groups[0] : groups[0] + n]                                # [n, N·P, d]
+                pick = slice(groups[0], groups[0] + n)
             else:
-                x = inputs.index_select(0, torch.tensor(groups, device=inputs.device))
-            out.append(C.project_receivers(x, W, b, N, P))
+                pick = torch.tensor(groups, device=inputs.device)
+            out.append(C.project_receivers(inputs[pick], W if fold is None else W * fold[:, None], b, N, P,
+                                           None if fold is None else scale[pick]))   # x: [n, N·P, d]
             continue
         by_input: dict[int, list[int]] = {}
         plain = []
@@ -110,7 +121,7 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
             continue
         if len(by_input) == 1 and not plain:            # one input for every head of the kind
             (u,) = by_input
-            out.append(C.project(inputs[u].view(N, P, d), W, b))
+            out.append(project_patched(u, W, b))
             continue
         t = resid.new_empty(N, P, n, W.shape[2])
         if plain:
@@ -118,7 +129,7 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
                 shared_norm = C.norm(arch, resid, lw.ln1, freeze_norm)
             t[:, :, plain] = C.project(shared_norm, W[plain], b[plain])
         for u, heads in by_input.items():
-            t[:, :, heads] = C.project(inputs[u].view(N, P, d), W[heads], b[heads])
+            t[:, :, heads] = project_patched(u, W[heads], b[heads])
         out.append(t)
     return (*out, mlp_patch)
 

@@ -49,6 +49,23 @@ def test_recorded_empty_metric_equals_the_patched_empty_circuit(spec):
     assert abs(setup.empty_metric() - patched) <= 1e-5 * max(1.0, abs(patched))
 
 
+@pytest.mark.parametrize("density", [0.03, 0.5, 0.97])
+@pytest.mark.parametrize("stages", [1, 8])
+def test_kept_edges_form_equals_the_general_form(tiny, density, stages, monkeypatch):
+    """A circuit's evaluation (one variant, no grad: kept senders' sums, token-major, a block of
+    layers at a time) equals the general form the other methods run (two variants side by side)."""
+    from circuits import patch_sums
+    monkeypatch.setattr(patch_sums, "BLOCK_STAGES", stages)
+    task = random_task(tiny, vary_lengths=True)
+    setup = evaluation.prepare(tiny, task, Ablation.RESAMPLE)
+    g = tiny.graph
+    mask = (torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(0)) < density) & g.allowed
+    coef = setup.coef(mask)
+    kept = full_logits(tiny, setup, coef)
+    general = full_logits(tiny, setup, torch.stack([coef, coef]))[: kept.shape[0]]
+    assert (kept - general).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_patching_all_outgoing_edges_equals_patching_the_node(tiny, ablation):
     task = random_task(tiny, vary_lengths=True)

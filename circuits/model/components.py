@@ -92,12 +92,12 @@ def norm(arch: Arch, x: torch.Tensor, params: tuple[torch.Tensor | None, torch.T
     return F.rms_norm(x, d, w if kind is Norm.RMS else None, arch.norm_eps)
 
 
-def rms_norm_no_grad(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMS norm in two passes over x (F.rms_norm takes four on CPU), for inference only: equal to
-    `norm` to float rounding (~1e-6), not bitwise. x: [..., d]."""
-    inv = torch.einsum("...d,...d->...", x, x).div_(x.shape[-1]).add_(eps).rsqrt_()
-    y = x * inv.unsqueeze(-1)
-    return y if w is None else y.mul_(w)
+def rms_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms(x) over the last dimension, for inference: RMS norm without its copy of x, whose
+    scale can then go on a projection instead (norm(x) @ W = (x @ (w ⊙ W)) · rms_inverse(x)).
+    Equal to `norm`'s scale to float rounding. x: [..., d] (strided views read at full speed:
+    a vector norm, not an einsum) → [...]."""
+    return torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torch.Tensor,
@@ -124,21 +124,26 @@ def norm_vjp(arch: Arch, x: torch.Tensor, w: torch.Tensor | None, grad_out: torc
     return gx * inv.unsqueeze(-1)
 
 
-def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """Per-head projection. x: [N, P, d] or [N, P, n, d]; W: [n, d, e]; returns [N, P, n, e]."""
     n, d, e = W.shape
     if x.dim() == 3:
         out = (x @ W.permute(1, 0, 2).reshape(d, n * e)).view(*x.shape[:2], n, e)
     else:
         out = torch.einsum("bpnd,nde->bpne", x, W)
-    return out + b
+    return out if b is None else out + b
 
 
-def project_receivers(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, N: int, P: int) -> torch.Tensor:
-    """Each receiver's own projection. x: [n, N·P, d] (receiver-major); W: [n, d, e].
+def project_receivers(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, N: int, P: int,
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Each receiver's own projection. x: [n, N·P, d] (receiver-major, may be strided); W: [n, d, e];
+    scale: [n, N·P] multiplies the products before the bias is added (a norm folded into W).
 
     Returns [N, P, n, e] (a view)."""
-    out = torch.baddbmm(b[:, None, :], x, W)
+    if scale is None:
+        out = torch.baddbmm(b[:, None, :], x, W)
+    else:
+        out = torch.bmm(x, W).mul_(scale.unsqueeze(-1)).add_(b[:, None, :])
     return out.view(W.shape[0], N, P, W.shape[2]).permute(1, 2, 0, 3)
 
 
