@@ -25,7 +25,7 @@ import torch
 from circuits.graph import Graph
 from circuits.model import components as C
 from circuits.model.adapters import Norm, Positional, Weights
-from circuits.patch_sums import Deltas, KeptDeltas, KeptGroupDeltas, Prefix
+from circuits.patch_sums import Deltas, KeptDeltas, KeptGroupDeltas, Prefix, Workspace
 from circuits.positions import TokenGroups
 
 
@@ -153,7 +153,8 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         stream: torch.Tensor | None = None,
         groups: TokenGroups | None = None,
         neurons: torch.Tensor | None = None,
-        grad_mods: C.GradientMods | None = None) -> Run:
+        grad_mods: C.GradientMods | None = None,
+        workspace: Workspace | None = None) -> Run:
     """One forward pass of the engine.
 
     tokens: [B, P]. positions: [B] the position whose logits are wanted (None: all positions).
@@ -168,6 +169,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
     neurons: [S, d] the output dimensions of each sender kept clean (1) or ablated (0) for every
     receiver (needs `ablated`).
     grad_mods: backward-only changes (GIM); the forward's values stay the same.
+    workspace: buffers kept from an earlier forward of the same batch (circuit evaluation).
     """
     mods = grad_mods if grad_mods is not None and grad_mods.active else None
     freeze = mods is not None and mods.freeze_norm
@@ -211,7 +213,7 @@ def run(w: Weights, graph: Graph, tokens: torch.Tensor | None, *,
         plain = (prefix is None and V == 1 and groups is None and off is None
                  and not torch.is_grad_enabled())
         if plain:
-            deltas = KeptDeltas(coef, graph, B, P, d, resid)
+            deltas = KeptDeltas(coef, graph, B, P, d, resid, workspace)
         elif (prefix is None and V == 1 and groups is not None and off is None
               and not torch.is_grad_enabled()):
             deltas = KeptGroupDeltas(coef, graph.allowed, graph.sender_start, groups, B, P, d, resid)
