@@ -317,7 +317,8 @@ def run(setup: Setup, method: str, *, selection: Selection = Selection(), tau: f
             "metric": setup.task.metric.value, "ablation": setup.ablation.value, "method": method,
             "parameters": params, "seed": seed, "package_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"]}
+            "seconds": round(seconds, 3), "faithfulness": faith["faithfulness"],
+            "dtype": str(setup.model.weights.dtype).removeprefix("torch.")}
     if "direction" in params:
         prov["direction"] = params["direction"]
     if "source" in setup.model.meta:       # e.g. a GGUF file: its sha256 and quantization

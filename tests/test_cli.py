@@ -175,3 +175,13 @@ def test_tasks_listing_aligns_every_description(capsys):
     assert len(rows) == len(TASKS) and "capital-country" in TASKS
     for ln in rows + [ln for ln in lines if ln.lstrip().startswith("e.g.")]:
         assert ln[width:width + 2] == "  " and ln[width + 2] != " ", ln
+
+
+def test_dtype_flag_loads_in_that_precision_and_is_recorded(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert main(["discover", "random:llama-tiny", "ioi", "--method", "eap", "--dtype", "bfloat16",
+                 "--quiet", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["provenance"]["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        main(["discover", "random:llama-tiny", "ioi", "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err

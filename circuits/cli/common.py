@@ -192,13 +192,26 @@ def rescue(write, path: str | Path, what: str = "the result") -> None:
     raise OutputError(f"{first}; no fallback location was writable either, so {what} is lost")
 
 
+# --dtype names → torch dtype attribute names (the CLI parses arguments before importing torch)
+DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def torch_dtype(args):
+    """The torch dtype --dtype names, or None (the model's own: float32)."""
+    name = getattr(args, "dtype", None)
+    if name is None:
+        return None
+    import torch
+    return getattr(torch, DTYPES[name])
+
+
 def _load_model_and_task(args):
     from circuits.model import loader
     from circuits.tasks.builtin import build_task, is_builtin
     from circuits.tasks.files import load_file
     from circuits.tasks.task import Metric, TaskError
     check_task_spec(args.task)
-    model = loader.load(args.model, seed=args.seed, device=args.device)
+    model = loader.load(args.model, seed=args.seed, device=args.device, dtype=torch_dtype(args))
     metric = Metric(args.metric) if getattr(args, "metric", None) else None
     if is_builtin(args.task):
         if getattr(args, "counterfactual", None):
@@ -284,6 +297,9 @@ def undefined_faithfulness(model_spec: str, task, ablation: str) -> str:
 def _add_common(p, task: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random models and generated tasks")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="load the weights in this precision (default: float32; a GGUF is dequantized to float32 "
+                        "once and cached, then cast)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if task:

@@ -29,12 +29,12 @@ def role_lines(result, per_role: int = 6) -> list[str]:
 
 
 def cmd_heads(args) -> int:
-    from circuits.cli.common import _load_model_and_task, _print_json, plural
+    from circuits.cli.common import _load_model_and_task, _print_json, plural, torch_dtype
     from circuits.model import loader
     from circuits.verify import roles
 
     if args.task is None:
-        model, task = loader.load(args.model, seed=args.seed, device=args.device), None
+        model, task = loader.load(args.model, seed=args.seed, device=args.device, dtype=torch_dtype(args)), None
     else:
         model, task = _load_model_and_task(args)
     result = roles.measure(model, task, n_diagnostic=args.sequences, seed=args.seed,
