@@ -1,6 +1,8 @@
 """Head roles on models whose roles are known: induction-2l (a0.h1 previous-token; a1.h3, a1.h1
 induction) and ioi-3l (name movers and the S-suppression head in its meta.json)."""
 
+import re
+
 import torch
 from conftest import load_model
 
@@ -96,3 +98,24 @@ def test_discover_labels_heads_with_roles_in_summary_file_and_diagram(tmp_path, 
     assert main(["discover", "induction-2l", "induction", "--method", "eap", "--top-n", "30", "--roles",
                  "--quiet", "--json", "-o", str(tmp_path / "d.json")]) == 0
     assert json.loads(capsys.readouterr().out)["head_roles"]["a0.h1"] == "previous-token"
+
+
+def test_verify_labels_heads_with_roles(tmp_path, capsys):
+    """`verify` names each head's role: from the circuit file (discover --roles), or measured with
+    --roles; the report keeps them and the text groups the circuit's heads by role."""
+    import json
+    plain = tmp_path / "plain.json"
+    assert main(["discover", "induction-2l", "induction", "--method", "eap", "--top-n", "30", "--quiet",
+                 "-o", str(plain)]) == 0
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    assert main(["verify", str(plain), "induction-2l", "induction", "--roles", "--subsets", "2",
+                 "--minimality-sample", "4", "--quiet", "--out", str(report)]) == 0
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if x.strip().startswith("heads by role"))
+    induction = re.search(r"induction \d+ \(([^)]*)\)", line).group(1).split(", ")
+    assert {"a1.h1", "a1.h3"} <= set(induction) and "previous-token 1 (a0.h1)" in line
+    assert json.loads(report.read_text())["head_roles"]["a1.h3"] == "induction"
+    assert main(["verify", str(plain), "induction-2l", "induction", "--subsets", "2", "--minimality-sample",
+                 "4", "--quiet"]) == 0
+    assert "heads by role" not in capsys.readouterr().out          # no roles asked, none in the file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,22 +34,40 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def _minimality_line(mini: dict) -> str:
+def _labelled(name: str, roles: dict) -> str:
+    return f"{name} ({roles[name]})" if roles.get(name) else name
+
+
+def _roles_line(head_roles: dict) -> str:
+    """The circuit's heads by role: 'induction 2 (a1.h1, a1.h3), previous-token 1 (a0.h1), 5 unlabelled'."""
+    by_role: dict[str, list[str]] = {}
+    for head, role in head_roles.items():
+        by_role.setdefault(role or "", []).append(head)
+    parts = [f"{role} {len(heads)} ({', '.join(heads[:4])}{', …' if len(heads) > 4 else ''})"
+             for role, heads in sorted(by_role.items(), key=lambda kv: -len(kv[1])) if role]
+    if "" in by_role:
+        parts.append(f"{len(by_role[''])} unlabelled")
+    return ", ".join(parts) or "no heads"
+
+
+def _minimality_line(mini: dict, roles: dict | None = None) -> str:
     """Which components the circuit could do without, or that it needs every one."""
+    roles = roles or {}
     if not mini["drop"]:
         return "no components to remove"
     est = mini.get("estimate")
     if est:
         lo, hi = est["interval_95"]
         names = mini["not_needed"]
-        shown = ", ".join(names[:6]) + (f", … ({len(names)})" if len(names) > 6 else "")
+        shown = ", ".join(_labelled(n, roles) for n in names[:6]) + (f", … ({len(names)})" if len(names) > 6 else "")
         return (f"sampled {est['sampled']} of {est['of']} components: {len(names)} not needed "
                 f"(removing one costs < {mini['threshold']:g}); share not needed {est['share_not_needed']:.0%} "
                 f"(95% interval {lo:.0%}-{hi:.0%})" + (f": {shown}" if names else ""))
     if not mini["not_needed"]:
         return f"every component needed (removing any one costs >= {mini['threshold']:g} faithfulness)"
     names = mini["not_needed"]
-    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; --json lists them)" if len(names) > 12 else "")
+    shown = ", ".join(_labelled(n, roles) for n in names[:12]) + (f", … ({len(names)} in all; --json lists them)"
+                                                                   if len(names) > 12 else "")
     return f"not needed: {shown} (removing one costs < {mini['threshold']:g} faithfulness)"
 
 
@@ -91,6 +110,11 @@ def cmd_verify(args) -> int:
         raise TaskError(undefined_faithfulness(args.model, task, args.ablation))
     mask = circ.mask & model.graph.allowed
     progress = not args.quiet
+    # head roles: the circuit file's (discover --roles), else measured here with --roles
+    roles = dict(circ.provenance.get("head_roles") or {})
+    if args.roles and not roles:
+        from circuits.verify import roles as head_role_measure
+        roles = {h: r for h, r in head_role_measure.label_heads(model, task).items() if r}
     t0 = time.perf_counter()
     empty, full = checks.baselines(setup)
     m_c = setup.metric(mask, neurons=circ.neurons).mean().item()
@@ -109,6 +133,9 @@ def cmd_verify(args) -> int:
               "ablation": args.ablation, "edges": int(mask.sum()), "total_edges": setup.n_edges,
               "faithfulness": {"normalized": evaluation.normalized_faithfulness(m_c, empty, full),
                                "raw": m_c, "empty": empty, "model": full}}
+    if roles:
+        heads = [n for n in circ.node_names() if re.fullmatch(r"a\d+\.h\d+", n)]
+        report["head_roles"] = {h: roles.get(h) for h in heads}
     if circ.positions is not None:
         report["positions"] = list(circ.positions)
     if circ.neurons is not None:          # the other checks below are at edge grain
@@ -177,8 +204,11 @@ def cmd_verify(args) -> int:
                   f"by |score|: CPR {c['by_abs_score']['CPR']:.4f}, by signed: CMD {c['by_signed_score']['CMD']:.4f}")
         comp = report["completeness"]
         print(f"  completeness        worst gap {_fmt(comp['worst_gap'])}, median {_fmt(comp['median_gap'])}"
-              + (f"  (worst: knock out {', '.join(comp['worst']['knocked_out'])})" if comp["worst"] else ""))
-        print(f"  minimality          {_minimality_line(report['minimality'])}")
+              + (f"  (worst: knock out {', '.join(_labelled(n, roles) for n in comp['worst']['knocked_out'])})"
+                 if comp["worst"] else ""))
+        print(f"  minimality          {_minimality_line(report['minimality'], roles)}")
+        if "head_roles" in report:
+            print(f"  heads by role       {_roles_line(report['head_roles'])}")
         print("  ablation            " + "  ".join(f"{k} {v:.3f}" for k, v in report["ablation_sensitivity"].items()))
         if "stability" in report and "mean_jaccard" in report["stability"]:
             print(f"  stability           mean Jaccard {report['stability']['mean_jaccard']:.3f} "
@@ -347,6 +377,9 @@ def add_tools(sub, add_common) -> None:
                    help="verify on the held-out part of the task's seeded split (as discover/benchmark --test-fraction)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the discovery/test split (default 0)")
     p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--roles", action="store_true",
+                   help="label heads with their measured role (previous-token, induction, name mover …) when the "
+                        "circuit file has none (discover --roles stores them)")
     add_common(p)
     p.set_defaults(func=cmd_verify, outputs=lambda a: [(a.out, (".json",), "--out")] if a.out else [])
 
