@@ -325,7 +325,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
     last_save = time.perf_counter()
     try:
         while state.pos_r < len(order) and (max_tests is None or state.tested < max_tests):
-            bar.update(done(state) - bar.n)
+            bar.update(min(done(state), bar.total) - bar.n)   # the total is rounded: never past it
             r = order[state.pos_r]
             # the edges into r, each an index into mask without r: (s,), or (p, s) at position grain
             n_s = int(g.n_inputs[r])
@@ -389,7 +389,7 @@ def acdc(setup: Setup, tau: float, *, metric: Metric = Metric.KL, max_variants: 
         save(state)
         bar.close()
         raise
-    bar.update(done(state) - bar.n)
+    bar.update(min(done(state), bar.total) - bar.n)
     bar.close()
     save(state)
     return AcdcResult(state.mask, state.scores, state.tested, state.forwards, time.perf_counter() - t0)
