@@ -1,10 +1,14 @@
 """Executors: a local process pool and a pool of Ray actors, behind one small interface.
 
-A pool has numbered slots, one worker each, holding one loaded model. The runner submits one job
-at a time to an idle slot and reads events: ("ready", pid) when a worker has started, ("result",
-Outcome) when its job ended (the Outcome carries the job's error, if any), ("died", reason) when
-the worker itself is gone — killed, out of memory — and the runner replaces it. Knowing which job
-each slot holds is what lets a dead worker cost only its own job.
+A pool has numbered slots, one worker each, holding one loaded model. The runner submits jobs to
+a slot (a worker may hold a second job queued behind its running one, so it never waits for the
+runner between jobs; a worker runs its jobs in the order given) and reads events: ("ready",
+(pid, seconds)) when a worker has started (the seconds since the pool started it: a fresh Python
+importing torch and circuits), ("result", Outcome) when a job ended (the Outcome
+carries the job's error, if any), ("died", reason) when the worker itself is gone — killed, out
+of memory — and the runner replaces it. A slot's results come back in the order of its jobs,
+each before the slot's death, so knowing which jobs each slot holds is what lets a dead worker
+cost only its running job (the ones queued behind it go back to the runner's queue).
 """
 
 from __future__ import annotations
@@ -39,19 +43,25 @@ def _local_worker(conn, threads: int) -> None:
     driver only (it decides what to stop), so a terminal's interrupt cannot cut a job's reply."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    t0 = time.perf_counter()
+    import threading
+
     import torch
+    from tqdm import tqdm
     torch.set_num_threads(threads)
+    # the jobs' (silent) bars would take a multiprocessing lock, a semaphore the exit below leaks
+    tqdm.set_lock(threading.RLock())
     from circuits.sweep import job as job_mod
-    conn.send_bytes(pickle.dumps(("ready", (os.getpid(), time.perf_counter() - t0))))
+    conn.send_bytes(pickle.dumps(("ready", os.getpid())))
     cache = job_mod.ModelCache()
     while True:
         try:
             job = conn.recv()
         except (EOFError, OSError):
-            return
+            job = None
         if job is None:
-            return
+            # nothing to save: skip the interpreter's teardown (torch's takes a second or more)
+            conn.close()
+            os._exit(0)
         # plain pickle: multiprocessing's own would move tensors through shared-memory handles
         conn.send_bytes(pickle.dumps(("result", job_mod.attempt(job, cache))))
 
@@ -65,6 +75,7 @@ class LocalPool:
         self.threads = threads
         self.resources = [None] * size        # local slots take any job
         self.procs, self.conns = [None] * size, [None] * size
+        self.started = [0.0] * size           # when each worker was started (perf_counter)
         for slot in range(size):
             self._start(slot)
 
@@ -76,6 +87,7 @@ class LocalPool:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_local_worker, args=(child, self.threads), daemon=True,
                                 name=f"circuits-sweep-{slot}")
+        self.started[slot] = time.perf_counter()
         proc.start()
         child.close()
         self.procs[slot], self.conns[slot] = proc, parent
@@ -95,6 +107,8 @@ class LocalPool:
             try:
                 if conn.poll():
                     kind, payload = pickle.loads(conn.recv_bytes())
+                    if kind == "ready":
+                        payload = (payload, time.perf_counter() - self.started[slot])
                     out.append(Event(slot, kind, payload))
                     continue
             except (EOFError, OSError):
@@ -113,14 +127,18 @@ class LocalPool:
         self.conns[slot].close()
         self._start(slot)
 
-    def close(self) -> None:
-        """Ask the workers to stop, then kill what has not: they hold no unsaved state."""
+    def stop(self) -> None:
+        """Ask the workers to exit (they hold no unsaved state); `close` waits for them."""
         for proc, conn in zip(self.procs, self.conns):
             if proc is not None:
                 try:
                     conn.send(None)
                 except (BrokenPipeError, OSError):
                     pass
+
+    def close(self) -> None:
+        """Stop the workers: what has not exited a second after `stop` is killed."""
+        self.stop()
         deadline = time.monotonic() + 1.0
         for proc in self.procs:
             if proc is None:
@@ -139,16 +157,13 @@ class SweepActor:
     """One Ray actor: one loaded model at a time, reused across the jobs it is given."""
 
     def __init__(self, threads: int):
-        t0 = time.perf_counter()
         import torch
         torch.set_num_threads(threads)
         from circuits.sweep import job as job_mod
         self.cache = job_mod.ModelCache()
-        self.startup = time.perf_counter() - t0
 
-    def ready(self) -> tuple[int, float]:
-        """(pid, seconds the actor spent importing before its first job)."""
-        return os.getpid(), self.startup
+    def ready(self) -> int:
+        return os.getpid()
 
     def run(self, job):
         from circuits.sweep import job as job_mod
@@ -218,6 +233,7 @@ class RayPool:
         self.ray = ray
         self.resources: list[Resources] = [r for r, n in sizes.items() for _ in range(n)]
         self.actors: list = [None] * len(self.resources)
+        self.started = [0.0] * len(self.resources)
         self.refs: dict = {}                 # object ref → (slot, "ready" | "result")
         for slot in range(len(self.resources)):
             self._start(slot)
@@ -227,6 +243,7 @@ class RayPool:
         return len(self.actors)
 
     def _start(self, slot: int) -> None:
+        self.started[slot] = time.perf_counter()
         res = self.resources[slot]
         cls = self.ray.remote(SweepActor).options(max_restarts=0, max_task_retries=0, **res.ray_options())
         actor = cls.remote(max(1, int(res.cpus)))
@@ -241,11 +258,20 @@ class RayPool:
             time.sleep(timeout)
             return []
         ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        if not ready:
+            return []
+        # everything finished by now, in the order submitted: a dead actor's finished jobs come
+        # back before its death
+        done = set(self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)[0]) | set(ready)
         out = []
-        for ref in ready:
+        for ref in [r for r in self.refs if r in done]:
+            if ref not in self.refs:
+                continue                      # dropped with its dead actor below
             slot, kind = self.refs.pop(ref)
             try:
                 value = self.ray.get(ref)
+                if kind == "ready":
+                    value = (value, time.perf_counter() - self.started[slot])
                 out.append(Event(slot, kind, value))
             except self.ray.exceptions.RayError as err:
                 for other in [r for r, (s, _) in self.refs.items() if s == slot]:
@@ -262,10 +288,14 @@ class RayPool:
             del self.refs[other]
         self._start(slot)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Kill the actors (Ray does it in the background; they hold no unsaved state)."""
         for actor in self.actors:
             try:
                 self.ray.kill(actor, no_restart=True)
             except Exception:                 # noqa: BLE001
                 pass
         self.refs.clear()
+
+    def close(self) -> None:
+        self.stop()
