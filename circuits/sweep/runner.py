@@ -314,8 +314,6 @@ def run(grid_path: str | Path, out_dir: str | Path, *, executor: str = "local", 
 
 
 def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo, summarize) -> None:
-    from tqdm import tqdm
-
     from circuits.sweep import pools
     groups = Counter(j.resources for j in todo)
     where = "local workers"
@@ -333,6 +331,7 @@ def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo, s
                 size = min(len(todo), workers or default_workers(len(todo), cpus, memory))
                 pool = pools.LocalPool(size, threads=max(1, (os.cpu_count() or 1) // size))
             result.workers = pool.size
+            from tqdm import tqdm         # once the workers are starting
             echo(f"sweep: {len(result.jobs)} jobs ({len(result.skipped)} done before, {len(todo)} to run) "
                  f"on {pool.size} {where} -> {out}")
             bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=quiet, dynamic_ncols=True)
@@ -340,11 +339,10 @@ def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo, s
                 _schedule(pool, todo, out, log, result, bar)
             finally:
                 bar.close()
-                pool.stop()       # every result is written: the workers hold nothing worth waiting for
                 try:
-                    summarize()   # while they exit
+                    summarize()   # on the CPUs the idle workers leave free
                 finally:
-                    pool.close()
+                    pool.close()  # every result is written: the workers hold nothing worth waiting for
                     closed = time.perf_counter()
     finally:
         if executor == "ray" and closed is not None:
