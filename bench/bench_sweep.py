@@ -9,18 +9,19 @@ jobs): the task, the evaluation's preparation, the method, the selection, the fa
 encoding the circuit file (circuits/sweep/job.py). The sweep's wall time runs from the sweep's
 start to its summary written.
 
-Reported separately, as fixed costs of a sweep: Ray's start and stop (a local instance), and each
-worker's preparation — its start-up (a fresh Python importing torch and circuits, before any job)
-plus its model loads (the first load imports the model's libraries: transformers, a tokenizer).
-The ideal sweep spreads all of the work over the workers: ideal = (Σ preparations + Σ own times)
-/ workers. Target: the jobs' part of the wall time, wall − Ray − Σ preparations / workers, is
-≤ 1.2 × Σ own times / workers ("ratio"); "ratio_with_preparation" is wall − Ray against the
-whole ideal.
+Reported separately, as fixed costs of a sweep: Ray's import, start and stop (a local
+instance), and each worker's preparation — its start-up (from the pool's start to the worker
+ready: a fresh Python importing torch and circuits) plus its model loads (the first load imports
+the model's libraries: transformers, a tokenizer). The ideal sweep spreads all of the work over
+the workers: ideal = (Σ preparations + Σ own times) / workers. Target: the jobs' part of the
+wall time, wall − Ray − Σ preparations / workers, is ≤ 1.2 × Σ own times / workers ("ratio");
+"ratio_with_preparation" is wall − Ray against the whole ideal. Figures: README, Sweeps.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -72,12 +73,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     args = ap.parse_args()
     for executor in (["local", "ray"] if args.executor == "both" else [args.executor]):
-        if executor == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                print("ray: not installed (pip install -e '.[ray]'), skipped")
-                continue
+        if executor == "ray" and importlib.util.find_spec("ray") is None:   # not imported: the sweep times that
+            print("ray: not installed (pip install -e '.[ray]'), skipped")
+            continue
         m = measure(executor, args.workers, args.n)
         print(json.dumps(m))
         ray = (f"; Ray start-up {m['ray_startup_s']}s and stop {m['ray_stop_s']}s (not counted)"
