@@ -324,12 +324,19 @@ def edges_from_dict(edges: dict, graph: Graph, source: str, text: str | None = N
     return mask, scores if has_scores else None
 
 
-def save(circuit: Circuit, path: str | Path) -> list[str]:
-    """Write atomically (the old file stays intact on any failure). Non-finite numbers (an
-    undefined faithfulness, a NaN score) are written as null; returns the fields that were."""
+def dumps(circuit: Circuit) -> tuple[str, list[str]]:
+    """The circuit file's text, and the fields whose non-finite numbers (an undefined
+    faithfulness, a NaN score) are written as null."""
     replaced: list[str] = []
     data = json_safe(to_dict(circuit), replaced=replaced)
-    write_text(path, json.dumps(data, indent=1, allow_nan=False))
+    return json.dumps(data, indent=1, allow_nan=False), replaced
+
+
+def save(circuit: Circuit, path: str | Path) -> list[str]:
+    """Write atomically (the old file stays intact on any failure); returns the fields written as
+    null (see dumps)."""
+    text, replaced = dumps(circuit)
+    write_text(path, text)
     return replaced
 
 

@@ -97,7 +97,7 @@ def test_imports_flow_down_the_layers():
 
 
 @pytest.mark.parametrize("module", ["circuits", "circuits.cli.main", "circuits.methods",
-                                    "circuits.tasks.builtin"])
+                                    "circuits.tasks.builtin", "circuits.sweep.runner"])
 def test_light_entry_points_import_no_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

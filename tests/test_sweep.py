@@ -1,5 +1,6 @@
 """Sweeps without running models: the grid (product, exclude/include, settings per method, names),
-bad input answered before any job, the directory lock, the summary and figures, compare DIR."""
+bad input answered before any job, the directory lock, the summary and figures, compare DIR, and
+the scheduling (a queued job per worker, a dead worker's jobs, longest first) with a scripted pool."""
 
 import json
 import os
@@ -215,3 +216,83 @@ def test_default_workers_follow_cpus_memory_and_jobs():
     assert runner.default_workers(100, 1.0) == cpus
     assert runner.default_workers(1, 1.0) == 1
     assert runner.default_workers(100, 1.0, memory=10 ** 15) == 1          # a petabyte each: one at a time
+
+
+# ---- scheduling, with a scripted pool (no processes) -----------------------------------------
+
+class ScriptedPool:
+    """Two slots whose workers finish their running job at every events() call; slot 1 dies once,
+    at its first call holding two jobs (one running, one queued)."""
+
+    def __init__(self):
+        from circuits.sweep.pools import Event
+        self.Event, self.size, self.resources = Event, 2, [None, None]
+        self.held = {0: [], 1: []}
+        self.ready, self.died, self.most_held = False, False, 0
+
+    def submit(self, slot, job):
+        self.held[slot].append(job)
+        self.most_held = max(self.most_held, len(self.held[slot]))
+
+    def events(self, timeout):
+        from circuits.sweep.outcome import Outcome
+        if not self.ready:
+            self.ready = True
+            return [self.Event(s, "ready", (100 + s, 0.5)) for s in (0, 1)]
+        out = []
+        for slot, jobs in self.held.items():
+            if slot == 1 and not self.died and len(jobs) == 2:
+                self.died = True
+                jobs.clear()
+                out.append(self.Event(1, "died", "worker process 101 exited with code -9"))
+            elif jobs:
+                job = jobs.pop(0)
+                seconds = {"eap": 0.1, "clean-corrupted": 0.2, "eap-ig-inputs": 0.3}[job.settings["method"]]
+                out.append(self.Event(slot, "result", Outcome(job.key, 100 + slot, seconds, 0.0, b"{}", {
+                    "edges": 1, "faithfulness": 1.0})))
+        return out
+
+    def replace(self, slot):
+        self.held[slot] = []
+
+
+class Bar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+
+def test_a_dead_worker_costs_its_running_job_one_attempt_and_returns_its_queued_one(tmp_path):
+    jobs = grid.load(write(tmp_path, GRID))
+    out = tmp_path / "out"
+    out.mkdir()
+    pool, result, log = ScriptedPool(), runner.SweepResult(jobs), runner.Log(out / runner.LOG)
+    runner._schedule(pool, list(jobs), out, log, result, Bar())
+    log.close()
+    assert pool.died and pool.most_held == 2                     # a second job was queued behind the first
+    assert sorted(result.done) == sorted(j.key for j in jobs) and not result.failed
+    assert all((out / j.name).read_bytes() == b"{}" for j in jobs)
+    events = [json.loads(line) for line in (out / runner.LOG).read_text().splitlines()]
+    died = next(e for e in events if e["event"] == "worker-died")
+    assert died["job"] and len(died["requeued"]) == 1
+    retried = [e["job"] for e in events if e["event"] == "retry"]
+    assert retried == [died["job"]]                              # the queued job spent no attempt
+    starts = [e["job"] for e in events if e["event"] == "start"]     # a job starts when it runs, not when queued
+    assert sorted(starts) == sorted([j.name for j in jobs] + [died["job"]])
+
+
+def test_pick_prefers_the_slots_model_then_the_longest_expected_job(tmp_path):
+    from collections import deque
+    jobs = grid.load(write(tmp_path, GRID))
+    ioi = next(j for j in jobs if j.settings["model"] == "ioi-3l").model_key
+    expected = {runner._kind(j): {"eap": 0.1, "clean-corrupted": 0.2}.get(j.settings["method"], 0.05)
+                for j in jobs if j.settings["method"] != "eap-ig-inputs" or j.settings["model"] == "ioi-3l"}
+    pending = deque(jobs)
+    first = runner._pick(pending, ioi, None, set(), expected)
+    assert first.settings["model"] == "ioi-3l" and first.settings["method"] == "clean-corrupted"
+    # on induction-2l, eap-ig-inputs has not been timed: it counts as the longest
+    other = runner._pick(pending, None, None, {ioi}, expected)
+    assert other.settings["model"] == "induction-2l" and other.settings["method"] == "eap-ig-inputs"
+    assert len(pending) == len(jobs) - 2

@@ -1,19 +1,27 @@
 """One sweep job inside a worker: the same library calls as `circuits discover`, with the model
-kept loaded for the worker's next job."""
+kept loaded for the worker's next job.
+
+A job's own time (`Outcome.seconds`) is everything a standalone `circuits discover` does for it
+except starting Python, importing, and loading the model (shared by the worker's jobs and timed
+apart, `Outcome.load_seconds`: the model's libraries are imported on first use, so the first
+load carries their import): building the task, preparing the evaluation, the method, the
+selection, the faithfulness (and curve when asked), and encoding the circuit file. Writing the
+file is the sweep process's (a few ms: one atomic, fsynced write of these bytes)."""
 
 from __future__ import annotations
 
 import os
 import time
 import traceback
-from dataclasses import dataclass
 
 import torch
 
+from circuits import circuit as circuit_io
 from circuits import discover, evaluation, patching
 from circuits.circuit import Circuit
 from circuits.model import loader
 from circuits.sweep.grid import Job
+from circuits.sweep.outcome import Outcome
 from circuits.tasks.builtin import build_task, is_builtin
 from circuits.tasks.files import load_file
 from circuits.tasks.task import Metric, TaskError
@@ -39,29 +47,16 @@ class ModelCache:
         return self.model, time.perf_counter() - t0
 
 
-@dataclass
-class Outcome:
-    """What a worker hands back: the circuit (the driver writes the file) or the error."""
-
-    key: str
-    pid: int
-    seconds: float                     # the job's own time, model loading included when it loaded
-    circuit: Circuit | None = None
-    stats: dict | None = None
-    error: str | None = None
-
-
 def undefined_faithfulness(s: dict, task) -> str:
     return (f"faithfulness is undefined: {s['model']} scores task {task.name} the same with every edge "
             f"ablated ({s['ablation']}) as clean, so there is no behaviour to explain")
 
 
-def run(job: Job, cache: ModelCache) -> tuple[Circuit, dict]:
+def run(job: Job, model: loader.Model, load_seconds: float) -> tuple[Circuit, dict]:
     """The circuit of one job, as `circuits discover` finds it, with the sweep's record in its
     provenance ("sweep": settings, key, and the faithfulness curve when asked)."""
     s = job.settings
     t0 = time.perf_counter()
-    model, load_seconds = cache.get(job)
     metric = Metric(s["metric"]) if s.get("metric") else None
     if is_builtin(s["task"]):
         task = build_task(s["task"], model, n=s["n"], seed=s["seed"])
@@ -90,23 +85,24 @@ def run(job: Job, cache: ModelCache) -> tuple[Circuit, dict]:
     record["job_seconds"] = round(time.perf_counter() - t0, 3)
     record["model_load_seconds"] = round(load_seconds, 3)
     circuit = Circuit(c.graph, c.mask, c.scores, {**c.provenance, "sweep": record})
-    stats = {"edges": c.n_edges, "total_edges": c.graph.n_edges, "faithfulness": found.faithfulness["faithfulness"],
-             "load_seconds": load_seconds}
+    stats = {"edges": c.n_edges, "total_edges": c.graph.n_edges, "faithfulness": found.faithfulness["faithfulness"]}
     return circuit, stats
 
 
 def attempt(job: Job, cache: ModelCache) -> Outcome:
     """Run a job; any exception becomes the outcome's one-line error (the worker lives on)."""
+    load_seconds = 0.0
     t0 = time.perf_counter()
     torch.manual_seed(job.settings["seed"])       # as `discover` leaves it after loading the model
     try:
-        circuit, stats = run(job, cache)
-        return Outcome(job.key, os.getpid(), time.perf_counter() - t0, circuit, stats)
+        model, load_seconds = cache.get(job)
+        circuit, stats = run(job, model, load_seconds)
+        data = circuit_io.dumps(circuit)[0].encode("utf-8")
+        return Outcome(job.key, os.getpid(), time.perf_counter() - t0 - load_seconds, load_seconds, data, stats)
     except Exception as err:                       # noqa: BLE001 - recorded, the sweep goes on
         where = traceback.extract_tb(err.__traceback__)[-1]
         line = str(err).splitlines()[0] if str(err) else ""
         text = f"{type(err).__name__}: {line}" if line else type(err).__name__
         if not isinstance(err, (TaskError, ValueError, FileNotFoundError)):
             text += f" (at {os.path.basename(where.filename)}:{where.lineno})"
-        return Outcome(job.key, os.getpid(), time.perf_counter() - t0, error=text)
-
+        return Outcome(job.key, os.getpid(), time.perf_counter() - t0 - load_seconds, load_seconds, error=text)

@@ -1,10 +1,14 @@
 """Executors: a local process pool and a pool of Ray actors, behind one small interface.
 
-A pool has numbered slots, one worker each, holding one loaded model. The runner submits one job
-at a time to an idle slot and reads events: ("ready", pid) when a worker has started, ("result",
-Outcome) when its job ended (the Outcome carries the job's error, if any), ("died", reason) when
-the worker itself is gone — killed, out of memory — and the runner replaces it. Knowing which job
-each slot holds is what lets a dead worker cost only its own job.
+A pool has numbered slots, one worker each, holding one loaded model. The runner submits jobs to
+a slot (a worker may hold a second job queued behind its running one, so it never waits for the
+runner between jobs; a worker runs its jobs in the order given) and reads events: ("ready",
+(pid, seconds)) when a worker has started (the seconds since the pool asked for it: a fresh
+Python importing torch and circuits), ("result", Outcome) when a job ended (the Outcome
+carries the job's error, if any), ("died", reason) when the worker itself is gone — killed, out
+of memory — and the runner replaces it. A slot's results come back in the order of its jobs,
+each before the slot's death, so knowing which jobs each slot holds is what lets a dead worker
+cost only its running job (the ones queued behind it go back to the runner's queue).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import pickle
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,19 +44,23 @@ def _local_worker(conn, threads: int) -> None:
     driver only (it decides what to stop), so a terminal's interrupt cannot cut a job's reply."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    t0 = time.perf_counter()
     import torch
+    from tqdm import tqdm
     torch.set_num_threads(threads)
+    # the jobs' (silent) bars would take a multiprocessing lock, a semaphore the exit below leaks
+    tqdm.set_lock(threading.RLock())
     from circuits.sweep import job as job_mod
-    conn.send_bytes(pickle.dumps(("ready", (os.getpid(), time.perf_counter() - t0))))
+    conn.send_bytes(pickle.dumps(("ready", os.getpid())))
     cache = job_mod.ModelCache()
     while True:
         try:
             job = conn.recv()
         except (EOFError, OSError):
-            return
+            job = None
         if job is None:
-            return
+            # nothing to save: skip the interpreter's teardown (torch's takes a second or more)
+            conn.close()
+            os._exit(0)
         # plain pickle: multiprocessing's own would move tensors through shared-memory handles
         conn.send_bytes(pickle.dumps(("result", job_mod.attempt(job, cache))))
 
@@ -65,6 +74,9 @@ class LocalPool:
         self.threads = threads
         self.resources = [None] * size        # local slots take any job
         self.procs, self.conns = [None] * size, [None] * size
+        # when each worker was asked for: the pool's start for the first ones (started one after
+        # another, the last waits for the others), its replacement for a later one
+        self.started = [time.perf_counter()] * size
         for slot in range(size):
             self._start(slot)
 
@@ -95,6 +107,8 @@ class LocalPool:
             try:
                 if conn.poll():
                     kind, payload = pickle.loads(conn.recv_bytes())
+                    if kind == "ready":
+                        payload = (payload, time.perf_counter() - self.started[slot])
                     out.append(Event(slot, kind, payload))
                     continue
             except (EOFError, OSError):
@@ -106,6 +120,7 @@ class LocalPool:
         return out
 
     def replace(self, slot: int) -> None:
+        self.started[slot] = time.perf_counter()
         old = self.procs[slot]
         if old is not None and old.is_alive():
             old.kill()
@@ -114,23 +129,29 @@ class LocalPool:
         self._start(slot)
 
     def close(self) -> None:
-        """Ask the workers to stop, then kill what has not: they hold no unsaved state."""
+        """Ask the workers to exit (they hold no unsaved state), without waiting for the system to
+        tear their processes down (tens of ms each): a thread reaps them, killing what has not
+        exited a second later."""
         for proc, conn in zip(self.procs, self.conns):
             if proc is not None:
                 try:
                     conn.send(None)
                 except (BrokenPipeError, OSError):
                     pass
-        deadline = time.monotonic() + 1.0
-        for proc in self.procs:
-            if proc is None:
-                continue
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for conn in self.conns:
-            conn.close()
+        procs = [p for p in self.procs if p is not None]
+        threading.Thread(target=_reap, args=(procs, list(self.conns)), daemon=True,
+                         name="circuits-sweep-reaper").start()
+
+
+def _reap(procs, conns) -> None:
+    deadline = time.monotonic() + 1.0
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
 
 
 # ---- Ray actors ------------------------------------------------------------------------------
@@ -139,16 +160,13 @@ class SweepActor:
     """One Ray actor: one loaded model at a time, reused across the jobs it is given."""
 
     def __init__(self, threads: int):
-        t0 = time.perf_counter()
         import torch
         torch.set_num_threads(threads)
         from circuits.sweep import job as job_mod
         self.cache = job_mod.ModelCache()
-        self.startup = time.perf_counter() - t0
 
-    def ready(self) -> tuple[int, float]:
-        """(pid, seconds the actor spent importing before its first job)."""
-        return os.getpid(), self.startup
+    def ready(self) -> int:
+        return os.getpid()
 
     def run(self, job):
         from circuits.sweep import job as job_mod
@@ -218,6 +236,7 @@ class RayPool:
         self.ray = ray
         self.resources: list[Resources] = [r for r, n in sizes.items() for _ in range(n)]
         self.actors: list = [None] * len(self.resources)
+        self.started = [time.perf_counter()] * len(self.resources)     # as in LocalPool
         self.refs: dict = {}                 # object ref → (slot, "ready" | "result")
         for slot in range(len(self.resources)):
             self._start(slot)
@@ -241,11 +260,20 @@ class RayPool:
             time.sleep(timeout)
             return []
         ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        if not ready:
+            return []
+        # everything finished by now, in the order submitted: a dead actor's finished jobs come
+        # back before its death
+        done = set(self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)[0]) | set(ready)
         out = []
-        for ref in ready:
+        for ref in [r for r in self.refs if r in done]:
+            if ref not in self.refs:
+                continue                      # dropped with its dead actor below
             slot, kind = self.refs.pop(ref)
             try:
                 value = self.ray.get(ref)
+                if kind == "ready":
+                    value = (value, time.perf_counter() - self.started[slot])
                 out.append(Event(slot, kind, value))
             except self.ray.exceptions.RayError as err:
                 for other in [r for r, (s, _) in self.refs.items() if s == slot]:
@@ -254,6 +282,7 @@ class RayPool:
         return out
 
     def replace(self, slot: int) -> None:
+        self.started[slot] = time.perf_counter()
         try:
             self.ray.kill(self.actors[slot], no_restart=True)
         except Exception:                     # noqa: BLE001 - already gone
@@ -263,6 +292,7 @@ class RayPool:
         self._start(slot)
 
     def close(self) -> None:
+        """Kill the actors (Ray does it in the background; they hold no unsaved state)."""
         for actor in self.actors:
             try:
                 self.ray.kill(actor, no_restart=True)

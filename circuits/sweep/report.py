@@ -49,6 +49,9 @@ def rows(out: Path, jobs: list[Job], failed: dict[str, str]) -> list[dict]:
                        faithfulness=data["provenance"].get("faithfulness"), CPR=curve.get("CPR"),
                        CMD=curve.get("CMD"), seconds=record.get("job_seconds"), status="done", error="")
             row["_curve"] = curve.get("points")
+            row["_edges"] = frozenset(n for n, e in data.get("edges", {}).items()
+                                      if isinstance(e, dict) and e.get("in_graph") is True)
+            row["_shape"] = graph_shape(data.get("graph") or {})
         else:
             error = failed.get(job.key, "")
             row.update(status="failed" if error else "not run", error=error)
@@ -103,26 +106,30 @@ def short_label(r: dict) -> str:
         f" {r['ablation']}" if r["ablation"] != "resample" else "") + (f" {r['selection']}" if r["selection"] else "")
 
 
-def jaccard_matrix(out: Path, finished) -> tuple[list[str], list[list[float | None]]]:
-    """Edge Jaccard of every pair of finished circuits; None across different graphs."""
-    from circuits import circuit as circuit_io
-    from circuits.io.compare import same_shape
-    circuits = [circuit_io.load(out / j.name) for _, j in finished]
-    masks = [(c.mask & c.graph.allowed) for c in circuits]
-    n = len(circuits)
+def graph_shape(summary: dict) -> tuple:
+    """What makes two circuit files' graphs the same (as `circuits compare` decides it)."""
+    return (summary.get("n_layers"), summary.get("n_heads"), summary.get("n_kv_heads", summary.get("n_heads")),
+            summary.get("has_mlp", True), summary.get("parallel", False))
+
+
+def jaccard_matrix(finished) -> tuple[list[str], list[list[float | None]]]:
+    """Edge Jaccard of every pair of finished circuits (their edges in the graph, read from the
+    files as `rows` parsed them); None across different graphs."""
+    n = len(finished)
     m: list[list[float | None]] = [[None] * n for _ in range(n)]
-    for i in range(n):
+    for i, (a, _) in enumerate(finished):
         for k in range(i, n):
+            b = finished[k][0]
             if i == k:
                 m[i][k] = 1.0
-            elif same_shape(circuits[i], circuits[k]):
-                union = int((masks[i] | masks[k]).sum())
-                m[i][k] = m[k][i] = int((masks[i] & masks[k]).sum()) / union if union else 1.0
+            elif a["_shape"] == b["_shape"]:
+                union = len(a["_edges"] | b["_edges"])
+                m[i][k] = m[k][i] = len(a["_edges"] & b["_edges"]) / union if union else 1.0
     return [short_label(r) for r, _ in finished], m
 
 
 def jaccard_figure(out: Path, finished) -> list[str]:
-    labels, m = jaccard_matrix(out, finished)
+    labels, m = jaccard_matrix(finished)
     f = io.StringIO(newline="")
     w = csv.writer(f)
     w.writerow([""] + [j.name for _, j in finished])

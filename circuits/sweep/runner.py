@@ -8,18 +8,18 @@ started, job started/done/failed/retried, worker died) with times and pids.
 
 from __future__ import annotations
 
-import importlib
 import json
+import math
 import os
 import socket
 import sys
-import threading
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from circuits import files as files_mod
 from circuits.errors import CircuitsError
 from circuits.sweep import grid as grid_mod
 from circuits.sweep.grid import Job
@@ -40,10 +40,12 @@ class SweepResult:
     skipped: list[str] = field(default_factory=list)       # keys done before this run
     done: list[str] = field(default_factory=list)          # keys done in this run
     failed: dict[str, str] = field(default_factory=dict)   # key → error
-    seconds: float = 0.0
-    startup_seconds: float | None = None                   # Ray start/join
-    worker_startup: list[float] = field(default_factory=list)
-    job_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0                                   # the whole command: grid read to summary written
+    startup_seconds: float | None = None                   # Ray import and start/join
+    stop_seconds: float | None = None                      # Ray stop (a local instance started for the sweep)
+    worker_startup: dict[int, float] = field(default_factory=dict)   # pid → seconds importing before its jobs
+    model_loads: dict[int, float] = field(default_factory=dict)      # pid → seconds loading models
+    job_seconds: dict[str, float] = field(default_factory=dict)      # key → the job's own time (job.py)
     interrupted: bool = False
     workers: int = 0
     files: list[str] = field(default_factory=list)         # summary and figures written
@@ -127,32 +129,37 @@ class Log:
 
 # ---- scheduling ------------------------------------------------------------------------------
 
-def _pick(pending: deque, slot_model, slot_res, busy_models: set) -> Job | None:
-    """The next job for a slot: one on the model it holds, else one whose model no other worker
-    is on, else the first that fits its resources."""
+def _kind(job: Job) -> tuple:
+    """Jobs of one kind take about as long as each other (the key of the time estimates)."""
+    s = job.settings
+    return s["model"], s["task"], s["method"], s.get("n"), s.get("steps"), s["curve"]
+
+
+def _pick(pending: deque, slot_model, slot_res, busy_models: set, expected: dict) -> Job | None:
+    """The next job for a slot: among those on the model it holds (else on a model no other worker
+    is on, else all that fit its resources), the one expected to take longest — a kind not timed
+    yet counts as longest —, so that the sweep ends on its short jobs and no worker idles long
+    while another finishes."""
     fits = [j for j in pending if slot_res is None or j.resources == slot_res]
     if not fits:
         return None
-    choice = (next((j for j in fits if j.model_key == slot_model), None)
-              or next((j for j in fits if j.model_key not in busy_models), None) or fits[0])
+    group = ([j for j in fits if j.model_key == slot_model] or [j for j in fits if j.model_key not in busy_models]
+             or fits)
+    choice = max(group, key=lambda j: expected.get(_kind(j), math.inf))      # the first of equals
     pending.remove(choice)
     return choice
-
-
-def _save(circuit, path: Path) -> None:
-    from circuits import (
-        circuit as circuit_io,  # torch: imported once the workers are busy
-    )
-    circuit_io.save(circuit, path)
 
 
 def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, bar) -> None:
     pending = deque(todo)
     attempts: Counter = Counter()
-    inflight: dict[int, tuple[Job, float]] = {}
+    # the jobs each slot holds, in the order its worker runs them: the first is running
+    held: dict[int, deque[Job]] = {slot: deque() for slot in range(pool.size)}
     slot_model: dict[int, tuple] = {}
     pids: dict[int, int] = {}
     deaths_before_ready: Counter = Counter()     # a worker that cannot even start is not retried forever
+    timed: dict[tuple, list[float]] = {}         # kind → own times of its finished jobs
+    expected: dict[tuple, float] = {}            # kind → their mean
 
     def show() -> None:
         bar.set_postfix_str(f"done {len(result.done)}, failed {len(result.failed)}")
@@ -168,22 +175,32 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
             show()
             bar.update(1)
 
-    def submit_free() -> None:
-        busy = {slot_model.get(s) for s in inflight}
-        for slot in range(pool.size):
-            if slot in inflight or not pending:
-                continue
-            job = _pick(pending, slot_model.get(slot), pool.resources[slot], busy)
-            if job is None:
-                continue
-            pool.submit(slot, job)
-            inflight[slot] = (job, time.perf_counter())
-            slot_model[slot] = job.model_key
-            busy.add(job.model_key)
+    def started(slot: int) -> None:
+        """The slot's first job is running now (its worker takes it as soon as the one before ends)."""
+        if held[slot]:
+            job = held[slot][0]
             log("start", job=job.name, slot=slot, pid=pids.get(slot), attempt=attempts[job.key] + 1)
 
+    def submit_free() -> None:
+        # every idle worker gets a job, then each a second one queued behind it, so it never waits
+        # for this process between jobs; near the end (fewer jobs left than workers) no second
+        # one, so that no worker idles while another has a job queued
+        for depth in (1, 2):
+            for slot in range(pool.size):
+                if len(held[slot]) >= depth or not pending or (depth == 2 and len(pending) < pool.size):
+                    continue
+                busy = {slot_model.get(s) for s in held if held[s] and s != slot}
+                job = _pick(pending, slot_model.get(slot), pool.resources[slot], busy, expected)
+                if job is None:
+                    continue
+                pool.submit(slot, job)
+                held[slot].append(job)
+                slot_model[slot] = job.model_key
+                if len(held[slot]) == 1:
+                    started(slot)
+
     try:
-        while pending or inflight:
+        while pending or any(held.values()):
             submit_free()
             finished = []
             for ev in pool.events(timeout=0.5):
@@ -191,14 +208,14 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
                     pid, startup = ev.payload
                     pids[ev.slot] = pid
                     deaths_before_ready[ev.slot] = 0
-                    if startup is not None:
-                        result.worker_startup.append(startup)
-                    log("worker", slot=ev.slot, pid=pid, startup_seconds=startup and round(startup, 3))
+                    result.worker_startup[pid] = startup
+                    log("worker", slot=ev.slot, pid=pid, startup_seconds=round(startup, 3))
                     continue
-                job, _ = inflight.pop(ev.slot, (None, 0.0))
                 if ev.kind == "died":
+                    jobs = list(held[ev.slot])
+                    held[ev.slot].clear()
                     log("worker-died", slot=ev.slot, pid=pids.get(ev.slot), reason=ev.payload,
-                        job=job.name if job else None)
+                        job=jobs[0].name if jobs else None, requeued=[j.name for j in jobs[1:]])
                     slot_model.pop(ev.slot, None)
                     if ev.slot not in pids:
                         deaths_before_ready[ev.slot] += 1
@@ -207,28 +224,38 @@ def _schedule(pool, todo: list[Job], out: Path, log: Log, result: SweepResult, b
                             raise ExecutorError(f"the sweep's workers cannot start: {ev.payload}")
                     pids.pop(ev.slot, None)
                     pool.replace(ev.slot)
-                    if job is not None:
-                        failure(job, str(ev.payload))
+                    pending.extendleft(reversed(jobs[1:]))      # queued, never started: no attempt spent
+                    if jobs:
+                        failure(jobs[0], str(ev.payload))
                     continue
                 outcome = ev.payload
-                if job is None or outcome.key != job.key:
+                if not held[ev.slot] or outcome.key != held[ev.slot][0].key:
                     continue                       # a reply from before a replacement
+                job = held[ev.slot].popleft()
+                started(ev.slot)
+                if outcome.load_seconds:
+                    result.model_loads[outcome.pid] = result.model_loads.get(outcome.pid, 0.0) + outcome.load_seconds
                 if outcome.error is not None:
                     failure(job, outcome.error)
                     continue
                 finished.append((job, outcome))
             submit_free()                  # the workers get their next jobs before the files are written
             for job, outcome in finished:
-                _save(outcome.circuit, out / job.name)
+                files_mod.write_bytes(out / job.name, outcome.data)
                 result.done.append(job.key)
                 result.job_seconds[job.key] = outcome.seconds
+                times = timed.setdefault(_kind(job), [])
+                times.append(outcome.seconds)
+                expected[_kind(job)] = sum(times) / len(times)
                 log("done", job=job.name, seconds=round(outcome.seconds, 3), pid=outcome.pid,
+                    model_load_seconds=round(outcome.load_seconds, 3) if outcome.load_seconds else None,
                     edges=outcome.stats["edges"], faithfulness=outcome.stats["faithfulness"])
                 show()
                 bar.update(1)
     except KeyboardInterrupt:
         result.interrupted = True
-        log("interrupted", in_flight=[j.name for j, _ in inflight.values()])
+        log("interrupted", in_flight=[q[0].name for q in held.values() if q],
+            queued=[j.name for q in held.values() for j in list(q)[1:]])
         raise
 
 
@@ -246,17 +273,20 @@ def run(grid_path: str | Path, out_dir: str | Path, *, executor: str = "local", 
         echo=print) -> SweepResult:
     """Run (or resume) the sweep of a grid file into out_dir. Every grid problem is raised before
     any job starts; job failures are recorded, not raised. Ctrl-C writes the summary, then re-raises."""
+    t0 = time.perf_counter()
     from circuits.sweep import report
     jobs = grid_mod.load(grid_path) if jobs is None else jobs
+    ray_import = None
     if executor == "ray":
         from circuits.sweep.pools import import_ray
+        t = time.perf_counter()
         import_ray()
+        ray_import = time.perf_counter() - t       # Ray's start-up begins with its import
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    result = SweepResult(jobs)
-    t0 = time.perf_counter()
+    result = SweepResult(jobs, startup_seconds=ray_import)
     with directory_lock(out, note=lambda m: echo(m, file=sys.stderr)):
         for leftover in out.glob("*.json.tmp"):
             leftover.unlink()                      # a write cut short by a crash; its job reruns
@@ -265,59 +295,73 @@ def run(grid_path: str | Path, out_dir: str | Path, *, executor: str = "local", 
         log = Log(out / LOG)
         log("sweep-start", grid=str(grid_path), jobs=len(jobs), done_before=len(result.skipped),
             to_run=len(todo), executor=executor, pid=os.getpid())
+        def summarize() -> None:
+            if not result.files:
+                result.files = report.write(out, jobs, result.failed)
+
         try:
             if todo:
-                _run_todo(todo, out, log, result, executor, address, workers, quiet, echo)
+                _run_todo(todo, out, log, result, executor, address, workers, quiet, echo, summarize)
         finally:
-            result.seconds = time.perf_counter() - t0
-            log("sweep-end", done=len(result.done), failed=len(result.failed), interrupted=result.interrupted,
-                seconds=round(result.seconds, 3))
-            log.close()
-            result.files = report.write(out, jobs, result.failed)
+            try:
+                summarize()
+            finally:
+                result.seconds = time.perf_counter() - t0
+                log("sweep-end", done=len(result.done), failed=len(result.failed),
+                    interrupted=result.interrupted, seconds=round(result.seconds, 3))
+                log.close()
     return result
 
 
-def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo) -> None:
-    from tqdm import tqdm
-
+def _run_todo(todo, out, log, result, executor, address, workers, quiet, echo, summarize) -> None:
     from circuits.sweep import pools
     groups = Counter(j.resources for j in todo)
     where = "local workers"
-    if executor == "ray":
-        session = pools.ray_session(address)
-    else:
-        session = _nothing()
-    with session as startup:
-        if executor == "ray":
-            result.startup_seconds = startup
-            capacity = pools.ray_capacity()
-            for res in groups:
-                pools.check_fits(res, capacity)
-            sizes = {}
-            for res, n in groups.items():
-                fit = int(capacity.get("CPU", 1) // max(res.cpus, 1e-9))
-                if res.gpus:
-                    fit = min(fit, int(capacity.get("GPU", 0) // res.gpus))
-                sizes[res] = max(1, min(n, workers or fit))
-            pool = pools.RayPool(sizes)
-            where = f"Ray actors ({'cluster ' + address if address else 'local Ray'}, started in {startup:.1f}s)"
-        else:
-            cpus = max(r.cpus for r in groups)
-            memory = max((r.memory or 0) for r in groups) or None
-            size = min(len(todo), workers or default_workers(len(todo), cpus, memory))
-            pool = pools.LocalPool(size, threads=max(1, (os.cpu_count() or 1) // size))
-        result.workers = pool.size
-        echo(f"sweep: {len(result.jobs)} jobs ({len(result.skipped)} done before, {len(todo)} to run) "
-             f"on {pool.size} {where} -> {out}")
-        # the driver writes the circuit files (torch): import it while the workers start, not
-        # when the first result arrives and the workers wait for their next jobs
-        threading.Thread(target=importlib.import_module, args=("circuits.circuit",), daemon=True).start()
-        bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=quiet, dynamic_ncols=True)
-        try:
-            _schedule(pool, todo, out, log, result, bar)
-        finally:
-            bar.close()
-            pool.close()          # every result is written: the workers hold nothing worth waiting for
+    session = pools.ray_session(address) if executor == "ray" else _nothing()
+    closed = None
+    try:
+        with session as startup:
+            if executor == "ray":
+                result.startup_seconds = (result.startup_seconds or 0.0) + startup
+                pool = pools.RayPool(_ray_sizes(groups, pools.ray_capacity(), workers))
+                where = f"Ray actors ({'cluster ' + address if address else 'local Ray'}, started in {startup:.1f}s)"
+            else:
+                cpus = max(r.cpus for r in groups)
+                memory = max((r.memory or 0) for r in groups) or None
+                size = min(len(todo), workers or default_workers(len(todo), cpus, memory))
+                pool = pools.LocalPool(size, threads=max(1, (os.cpu_count() or 1) // size))
+            result.workers = pool.size
+            from tqdm import tqdm         # once the workers are starting
+            echo(f"sweep: {len(result.jobs)} jobs ({len(result.skipped)} done before, {len(todo)} to run) "
+                 f"on {pool.size} {where} -> {out}")
+            bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=quiet, dynamic_ncols=True)
+            try:
+                _schedule(pool, todo, out, log, result, bar)
+            finally:
+                bar.close()
+                try:
+                    summarize()   # on the CPUs the idle workers leave free
+                finally:
+                    pool.close()  # every result is written: the workers hold nothing worth waiting for
+                    closed = time.perf_counter()
+    finally:
+        if executor == "ray" and closed is not None:
+            result.stop_seconds = time.perf_counter() - closed
+
+
+def _ray_sizes(groups: Counter, capacity: dict, workers: int | None) -> dict:
+    """Actors per kind of job resources: as many as the cluster fits, at most one per job (and
+    --workers)."""
+    from circuits.sweep import pools
+    sizes = {}
+    for res in groups:
+        pools.check_fits(res, capacity)
+    for res, n in groups.items():
+        fit = int(capacity.get("CPU", 1) // max(res.cpus, 1e-9))
+        if res.gpus:
+            fit = min(fit, int(capacity.get("GPU", 0) // res.gpus))
+        sizes[res] = max(1, min(n, workers or fit))
+    return sizes
 
 
 @contextmanager
