@@ -647,20 +647,28 @@
   // times faster at lines: on the real circuit's 12k-edge frame WebGL spent ~110 ms on the thin
   // lines and ~45 ms on the thick ones. The thick (strongest) edges keep sigma's WebGL picking
   // pass, into its offscreen picking texture, so that they still answer hover.
-  function edgeCanvas(renderer) {
-    if (!renderer.canvasContexts.edgeCanvas) {
-      const el = renderer.createCanvas("edgeCanvas", { beforeLayer: "edges" });
-      // willReadFrequently: a CPU (Skia) canvas, not one accelerated by SwiftShader (slower here)
-      const ctx = renderer.canvasContexts.edgeCanvas = el.getContext("2d", { willReadFrequently: true });
-      for (const side of ["width", "height"]) {            // sigma sized its layers before its programs
+  // A CPU 2D canvas under one of sigma's WebGL layers, sized as sigma sized its layers (before
+  // it made its programs). willReadFrequently: Chromium keeps such a canvas on the CPU (Skia)
+  // rather than accelerating it with SwiftShader, which is slower here.
+  function canvasUnder(renderer, layer) {
+    const id = `${layer}Canvas`;
+    if (!renderer.canvasContexts[id]) {
+      const el = renderer.createCanvas(id, { beforeLayer: layer });
+      const ctx = renderer.canvasContexts[id] = el.getContext("2d", { willReadFrequently: true });
+      for (const side of ["width", "height"]) {
         el.style[side] = renderer[side] + "px";
         el.setAttribute(side, renderer[side] * renderer.pixelRatio + "px");
       }
       if (renderer.pixelRatio !== 1) ctx.scale(renderer.pixelRatio, renderer.pixelRatio);
-      // cleared with sigma's layers, so that edges hidden while the camera moves leave nothing behind
-      renderer.on("afterClear", () => ctx.clearRect(0, 0, renderer.width, renderer.height));
     }
-    return renderer.canvasContexts.edgeCanvas;
+    return renderer.canvasContexts[id];
+  }
+  function edgeCanvas(renderer) {
+    const fresh = !renderer.canvasContexts.edgesCanvas;
+    const ctx = canvasUnder(renderer, "edges");
+    // cleared with sigma's layers, so that edges hidden while the camera moves leave nothing behind
+    if (fresh) renderer.on("afterClear", () => ctx.clearRect(0, 0, renderer.width, renderer.height));
+    return ctx;
   }
   const straightCache = new Map();
   function straight(colour) {        // a 2D canvas takes colours unpremultiplied (see rgba above)
@@ -754,6 +762,46 @@
       this.segments.render(params);
     }
   }
+  // Nodes likewise: sigma's circles in its picking pass only, seen on a 2D canvas (the hover
+  // layer's program, without a picking pass, on one of its own). SwiftShader spent 10-25 ms a
+  // frame on ~800 circles.
+  class CanvasCircles extends Sigma.rendering.NodeCircleProgram {
+    constructor(gl, pickingBuffer, renderer) {
+      super(gl, pickingBuffer, renderer);
+      this.ctx = canvasUnder(renderer, gl === renderer.webGLContexts.hoverNodes ? "hoverNodes" : "nodes");
+      this.renderer = renderer;
+      this.items = [];
+    }
+    reallocate(capacity) { super.reallocate(capacity); this.items.length = capacity; }
+    process(nodeIndex, offset, data) {
+      super.process(nodeIndex, offset, data);
+      this.items[offset] = data.hidden ? null : { x: data.x, y: data.y, size: data.size, colour: straight(data.color).css };
+    }
+    render(params) {
+      this.ctx.clearRect(0, 0, this.renderer.width, this.renderer.height);   // one node program a layer
+      if (this.hasNothingToRender()) return;
+      if (this.pickProgram) {
+        const down = params.pixelRatio / params.downSizingRatio;
+        this.pickProgram.gl.viewport(0, 0, params.width * down, params.height * down);
+        this.bindProgram(this.pickProgram);
+        this.renderProgram({ ...params, pixelRatio: down }, this.pickProgram);
+        this.unbindProgram(this.pickProgram);
+      }
+      const m = params.matrix, hw = params.width / 2, hh = params.height / 2;
+      const ax = m[0] * hw, bx = m[3] * hw, cx = (m[6] + 1) * hw, ay = -m[1] * hh, by = -m[4] * hh, cy = (1 - m[7]) * hh;
+      const ctx = this.ctx;
+      for (const n of this.items) {                    // in sigma's z order
+        if (!n) continue;
+        // radius in pixels as sigma's circle program makes it: size / sizeRatio, less its antialiasing
+        const r = n.size / params.sizeRatio - 0.5;
+        if (r <= 0) continue;
+        ctx.fillStyle = n.colour;
+        ctx.beginPath();
+        ctx.arc(ax * n.x + bx * n.y + cx, ay * n.x + by * n.y + cy, r, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
+  }
   let markFrame = () => {};
   const tooltip = $("tooltip");
   function showTooltip(html, ev) {
@@ -782,7 +830,8 @@
     $("loading").remove();
     renderer = new Sigma(graph, $("graph"), {
       defaultEdgeType: "line", renderEdgeLabels: false,
-      edgeProgramClasses: { line: CanvasLines, rect: CanvasRects }, enableEdgeEvents: true, hideEdgesOnMove: true,
+      edgeProgramClasses: { line: CanvasLines, rect: CanvasRects },
+      nodeProgramClasses: { circle: CanvasCircles }, nodeHoverProgramClasses: { circle: CanvasCircles }, enableEdgeEvents: true, hideEdgesOnMove: true,
       labelDensity: 1, labelGridCellSize: 36, labelRenderedSizeThreshold: 4, labelSize: 11,
       labelColor: { color: "#2d3748" }, zIndex: true, minCameraRatio: 0.05, maxCameraRatio: 4,
       nodeReducer: (key, a) => {
@@ -821,10 +870,10 @@
       },
     });
     view.indexedNodes = new Set(view.circuitNodes);      // the constructor has indexed the graph
-    // Nothing visible is drawn on sigma's WebGL edge layer (only its offscreen picking pass) nor
+    // Nothing visible is drawn on sigma's WebGL layers (only their offscreen picking passes) nor
     // on its edge-label layer: off the page, Chromium need not read them back and composite them
     // in every frame.
-    for (const layer of ["edges", "edgeLabels"]) renderer.elements[layer].style.display = "none";
+    for (const layer of ["edges", "edgeLabels", "nodes", "hoverNodes"]) renderer.elements[layer].style.display = "none";
     // Timings: from navigation start (first frame) or from the slider's input event (redraw) to
     // the next animation frame after sigma has drawn, when the browser has composited it.
     markFrame = () => requestAnimationFrame(() => {
