@@ -14,10 +14,9 @@
   const FADED = rgba("203,213,224", 0.25);
   const OVERLAY_COLOUR = { shared: "#2f855a", a: "#3182ce", b: "#d53f8c" };
   const MAX_DRAWN = DATA.max_drawn;
-  // The strongest edges (by rank) are drawn as rectangles, width by |score|, and answer hover;
-  // the rest as 1-px lines, left out of sigma's picking pass (which draws every pickable edge a
-  // second time). Without a GPU (SwiftShader) a rectangle costs several times a line to
-  // rasterize: 10k rectangles take ~0.6 s a frame, 10k lines ~0.15 s.
+  // The strongest edges (by rank) are drawn thick, width by |score|, and answer hover; the rest
+  // as 1-px lines, left out of sigma's picking pass (which draws every pickable edge into an
+  // offscreen WebGL texture: without a GPU, SwiftShader spends ~10 ms on 1,000 of them).
   const THICK = 1000;
   const SIDE = DATA.mode === "side-by-side";
 
