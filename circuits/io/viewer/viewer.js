@@ -886,10 +886,7 @@
       }
     });
     renderer.on("afterRender", markFrame);
-    // A second full draw before the first frame is shown: SwiftShader spends ~70 ms once on the
-    // first frame that redraws (measured), which would otherwise fall on the first slider move.
-    renderer.refresh();
-    markFrame();                              // the constructor and refresh have drawn the first frame
+    markFrame();                              // the constructor has drawn the first frame already
     renderer.on("enterNode", ({ node, event }) => {
       const a = graph.getNodeAttributes(node);
       if (a.kind === "row") return;
