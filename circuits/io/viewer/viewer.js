@@ -14,10 +14,9 @@
   const FADED = rgba("203,213,224", 0.25);
   const OVERLAY_COLOUR = { shared: "#2f855a", a: "#3182ce", b: "#d53f8c" };
   const MAX_DRAWN = DATA.max_drawn;
-  // The strongest edges (by rank) are drawn as rectangles, width by |score|, and answer hover;
-  // the rest as 1-px lines, left out of sigma's picking pass (which draws every pickable edge a
-  // second time). Without a GPU (SwiftShader) a rectangle costs several times a line to
-  // rasterize: 10k rectangles take ~0.6 s a frame, 10k lines ~0.15 s.
+  // The strongest edges (by rank) are drawn thick, width by |score|, and answer hover; the rest
+  // as 1-px lines, left out of sigma's picking pass (which draws every pickable edge into an
+  // offscreen WebGL texture: without a GPU, SwiftShader spends ~10 ms on 1,000 of them).
   const THICK = 1000;
   const SIDE = DATA.mode === "side-by-side";
 
@@ -106,7 +105,7 @@
     overlay: DATA.mode !== "single" && !SIDE, a: 0, b: 1,
     focus: null, focusNodes: null, focusEdges: null, matches: null,
     drawn: [], drawnKeys: new Map(), hidden: 0, selected: 0, circuitNodes: new Set(), usedPorts: new Set(),
-    indexedNodes: new Set(),   // circuit nodes when sigma last indexed the graph (placed labels)
+    indexedNodes: new Set(),   // circuit nodes when sigma last indexed the graph (placed their labels)
     firstFrameMs: null, lastRedrawMs: null, pendingSince: null, inputAt: null, lastJsMs: null, lastRefresh: null,
   };
 
@@ -239,9 +238,7 @@
         });
       }
     });
-    // What the renderer must redo: everything (after new edges, or when a node joins the
-    // circuit: labels are placed when sigma indexes), or only the edges that changed.
-    for (const k of view.circuitNodes) if (!view.indexedNodes.has(k)) { reindex = true; break; }
+    // What the renderer must redo: everything (after new edges), or only the edges that changed.
     if (reindex) view.changed = null;
     else {
       const edges = [];
@@ -642,9 +639,167 @@
 
   // ---- renderer ------------------------------------------------------------------------------
   let renderer = null;
-  // 1-px lines without a picking pass (sigma gives every edge program of a pickable layer one)
-  class UnpickedLines extends Sigma.rendering.EdgeLineProgram {
-    constructor(gl, pickingBuffer, renderer) { super(gl, null, renderer); }
+  // ---- edges on a 2D canvas -----------------------------------------------------------------
+  // Edges are drawn on a 2D canvas under sigma's WebGL layers, by edge programs that are sigma's
+  // in all but their drawing (sigma reduces, hides and orders the edges as for its own). Without
+  // a GPU, Chromium draws WebGL with SwiftShader and a CPU 2D canvas with Skia, which is several
+  // times faster at lines: on the real circuit's 12k-edge frame WebGL spent ~110 ms on the thin
+  // lines and ~45 ms on the thick ones. The thick (strongest) edges keep sigma's WebGL picking
+  // pass, into its offscreen picking texture, so that they still answer hover.
+  // A CPU 2D canvas under one of sigma's WebGL layers, sized as sigma sized its layers (before
+  // it made its programs). willReadFrequently: Chromium keeps such a canvas on the CPU (Skia)
+  // rather than accelerating it with SwiftShader, which is slower here.
+  function canvasUnder(renderer, layer) {
+    const id = `${layer}Canvas`;
+    if (!renderer.canvasContexts[id]) {
+      const el = renderer.createCanvas(id, { beforeLayer: layer });
+      const ctx = renderer.canvasContexts[id] = el.getContext("2d", { willReadFrequently: true });
+      for (const side of ["width", "height"]) {
+        el.style[side] = renderer[side] + "px";
+        el.setAttribute(side, renderer[side] * renderer.pixelRatio + "px");
+      }
+      if (renderer.pixelRatio !== 1) ctx.scale(renderer.pixelRatio, renderer.pixelRatio);
+    }
+    return renderer.canvasContexts[id];
+  }
+  function edgeCanvas(renderer) {
+    const fresh = !renderer.canvasContexts.edgesCanvas;
+    const ctx = canvasUnder(renderer, "edges");
+    // cleared with sigma's layers, so that edges hidden while the camera moves leave nothing behind
+    if (fresh) renderer.on("afterClear", () => ctx.clearRect(0, 0, renderer.width, renderer.height));
+    return ctx;
+  }
+  const straightCache = new Map();
+  function straight(colour) {        // a 2D canvas takes colours unpremultiplied (see rgba above)
+    let out = straightCache.get(colour);
+    if (out === undefined) {
+      const m = /^rgba\((\d+),(\d+),(\d+),([\d.]+)\)$/.exec(colour);
+      out = m && +m[4] > 0 ? { css: `rgba(${[m[1], m[2], m[3]].map((v) => Math.min(255, Math.round(v / m[4]))).join(",")},${m[4]})`, alpha: +m[4] }
+        : { css: colour, alpha: 1 };
+      straightCache.set(colour, out);
+    }
+    return out;
+  }
+  // Segments by their slot in sigma's program; drawn one stroke per zIndex, colour and width,
+  // by zIndex and then the fainter (weaker) first, so that the strongest edges lie on top whatever
+  // their sign. (Skia blends a stroke's segments one by one where they cross, as WebGL lines do.)
+  class CanvasSegments {
+    constructor(renderer, thick) {
+      this.ctx = edgeCanvas(renderer);
+      this.thick = thick;
+      this.reallocate(0);
+    }
+    reallocate(capacity) {
+      if (capacity === this.capacity) return;
+      this.capacity = capacity;
+      this.xy = new Float32Array(4 * capacity);          // framed-graph coordinates of both ends
+      this.size = new Float32Array(capacity);
+      this.colour = new Array(capacity).fill(null);      // null: hidden
+      this.z = new Int8Array(capacity);
+    }
+    process(edgeIndex, offset, source, target, data) {
+      if (data.hidden || source.hidden || target.hidden) { this.colour[offset] = null; return; }
+      this.xy.set([source.x, source.y, target.x, target.y], 4 * offset);
+      this.colour[offset] = straight(data.color);
+      this.size[offset] = data.size || 1;
+      this.z[offset] = data.zIndex || 0;
+    }
+    render(params) {
+      // framed graph → CSS pixels: sigma's matrix (column-major) maps to clip space
+      const m = params.matrix, hw = params.width / 2, hh = params.height / 2;
+      const ax = m[0] * hw, bx = m[3] * hw, cx = (m[6] + 1) * hw, ay = -m[1] * hh, by = -m[4] * hh, cy = (1 - m[7]) * hh;
+      // a thick edge's width in pixels as sigma's rectangle program makes it (size / sizeRatio, at
+      // least minEdgeThickness, less what its antialiasing fades out), to the nearest quarter pixel
+      const perSize = 1 / params.sizeRatio, minSize = params.minEdgeThickness * params.sizeRatio;
+      const fade = params.antiAliasingFeather;
+      const groups = new Map();
+      for (let i = 0; i < this.capacity; i++) {
+        const colour = this.colour[i];
+        if (colour === null) continue;
+        const width = this.thick ? Math.max(0.5, Math.round(4 * (perSize * Math.max(this.size[i], minSize) - fade)) / 4) : 1;
+        const key = `${this.z[i]} ${width} ${colour.css}`;
+        let g = groups.get(key);
+        if (!g) groups.set(key, g = { z: this.z[i], width, colour: colour.css, alpha: colour.alpha, items: [] });
+        g.items.push(i);
+      }
+      const ctx = this.ctx, xy = this.xy;
+      for (const g of [...groups.values()].sort((a, b) => a.z - b.z || a.alpha - b.alpha || a.width - b.width)) {
+        ctx.strokeStyle = g.colour;
+        ctx.lineWidth = g.width;
+        ctx.beginPath();
+        for (const i of g.items) {
+          const x1 = xy[4 * i], y1 = xy[4 * i + 1], x2 = xy[4 * i + 2], y2 = xy[4 * i + 3];
+          ctx.moveTo(ax * x1 + bx * y1 + cx, ay * x1 + by * y1 + cy);
+          ctx.lineTo(ax * x2 + bx * y2 + cx, ay * x2 + by * y2 + cy);
+        }
+        ctx.stroke();
+      }
+    }
+  }
+  // The thin edges: 1-px lines, not picked.
+  class CanvasLines extends CanvasSegments {
+    constructor(gl, pickingBuffer, renderer) { super(renderer, false); }
+    kill() {}
+  }
+  // The thick edges: sigma's rectangles in its picking pass only; seen on the canvas.
+  class CanvasRects extends Sigma.rendering.EdgeRectangleProgram {
+    constructor(gl, pickingBuffer, renderer) {
+      super(gl, pickingBuffer, renderer);
+      this.segments = new CanvasSegments(renderer, true);
+    }
+    reallocate(capacity) { super.reallocate(capacity); this.segments.reallocate(capacity); }
+    process(...args) { super.process(...args); this.segments.process(...args); }
+    render(params) {
+      if (this.hasNothingToRender()) return;
+      if (this.pickProgram) {                              // as sigma's Program.render, less its visible pass
+        const down = params.pixelRatio / params.downSizingRatio;
+        this.pickProgram.gl.viewport(0, 0, params.width * down, params.height * down);
+        this.bindProgram(this.pickProgram);
+        this.renderProgram({ ...params, pixelRatio: down }, this.pickProgram);
+        this.unbindProgram(this.pickProgram);
+      }
+      this.segments.render(params);
+    }
+  }
+  // Nodes likewise: sigma's circles in its picking pass only, seen on a 2D canvas (the hover
+  // layer's program, without a picking pass, on one of its own). SwiftShader spent 10-25 ms a
+  // frame on ~800 circles.
+  class CanvasCircles extends Sigma.rendering.NodeCircleProgram {
+    constructor(gl, pickingBuffer, renderer) {
+      super(gl, pickingBuffer, renderer);
+      this.ctx = canvasUnder(renderer, gl === renderer.webGLContexts.hoverNodes ? "hoverNodes" : "nodes");
+      this.renderer = renderer;
+      this.items = [];
+    }
+    reallocate(capacity) { super.reallocate(capacity); this.items.length = capacity; }
+    process(nodeIndex, offset, data) {
+      super.process(nodeIndex, offset, data);
+      this.items[offset] = data.hidden ? null : { x: data.x, y: data.y, size: data.size, colour: straight(data.color).css };
+    }
+    render(params) {
+      this.ctx.clearRect(0, 0, this.renderer.width, this.renderer.height);   // one node program a layer
+      if (this.hasNothingToRender()) return;
+      if (this.pickProgram) {
+        const down = params.pixelRatio / params.downSizingRatio;
+        this.pickProgram.gl.viewport(0, 0, params.width * down, params.height * down);
+        this.bindProgram(this.pickProgram);
+        this.renderProgram({ ...params, pixelRatio: down }, this.pickProgram);
+        this.unbindProgram(this.pickProgram);
+      }
+      const m = params.matrix, hw = params.width / 2, hh = params.height / 2;
+      const ax = m[0] * hw, bx = m[3] * hw, cx = (m[6] + 1) * hw, ay = -m[1] * hh, by = -m[4] * hh, cy = (1 - m[7]) * hh;
+      const ctx = this.ctx;
+      for (const n of this.items) {                    // in sigma's z order
+        if (!n) continue;
+        // radius in pixels as sigma's circle program makes it: size / sizeRatio, less its antialiasing
+        const r = n.size / params.sizeRatio - 0.5;
+        if (r <= 0) continue;
+        ctx.fillStyle = n.colour;
+        ctx.beginPath();
+        ctx.arc(ax * n.x + bx * n.y + cx, ay * n.x + by * n.y + cy, r, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
   }
   let markFrame = () => {};
   const tooltip = $("tooltip");
@@ -663,16 +818,19 @@
     $("topn").value = view.n;
     $("slider").value = nToSlider(view.n);
     // The strongest edges enter the graph before sigma first indexes it: the slider then only
-    // shows and hides them (a partial refresh) and re-indexes only for weaker ones.
+    // shows and hides them (a partial refresh) and re-indexes only for weaker ones. A quarter
+    // more than the cap: above it the pruned top n reaches that far down the ranks (12.5k on the
+    // smollm2 circuit), and a re-index costs a slider frame ~70 ms more.
     const c0 = circuits[view.circuit];
     if (!view.overlay && !SIDE && c0.has_scores) {
-      for (let i = 0; i < Math.min(MAX_DRAWN, c0.edges.s.length); i++) ensureEdge({ ci: view.circuit, i, key: `e${view.circuit}:${i}` }, i);
+      for (let i = 0; i < Math.min(Math.round(1.25 * MAX_DRAWN), c0.edges.s.length); i++) ensureEdge({ ci: view.circuit, i, key: `e${view.circuit}:${i}` }, i);
     }
     redraw();
     $("loading").remove();
     renderer = new Sigma(graph, $("graph"), {
       defaultEdgeType: "line", renderEdgeLabels: false,
-      edgeProgramClasses: { line: UnpickedLines, rect: Sigma.rendering.EdgeRectangleProgram }, enableEdgeEvents: true, hideEdgesOnMove: true,
+      edgeProgramClasses: { line: CanvasLines, rect: CanvasRects },
+      nodeProgramClasses: { circle: CanvasCircles }, nodeHoverProgramClasses: { circle: CanvasCircles }, enableEdgeEvents: true, hideEdgesOnMove: true,
       labelDensity: 1, labelGridCellSize: 36, labelRenderedSizeThreshold: 4, labelSize: 11,
       labelColor: { color: "#2d3748" }, zIndex: true, minCameraRatio: 0.05, maxCameraRatio: 4,
       nodeReducer: (key, a) => {
@@ -685,7 +843,12 @@
         const out = { ...a };
         const size = view.nodeSize.get(key);
         if (size === undefined) { out.color = CONTEXT_COLOUR; out.label = null; out.zIndex = 0; out.size = 2; }
-        else { out.zIndex = 2; out.size = size; }
+        else {
+          out.zIndex = 2; out.size = size;
+          // sigma places labels when it indexes the graph: a node that joined the circuit since
+          // gets its label forced, rather than a re-index of every edge (~70 ms a slider frame)
+          if (!view.indexedNodes.has(key)) out.forceLabel = true;
+        }
         if (view.focus && !view.focusNodes.has(key)) { out.color = CONTEXT_COLOUR; out.label = null; }
         if (view.focus === key) { out.highlighted = true; out.forceLabel = true; }
         if (view.matches && view.matches.has(key)) { out.highlighted = true; out.forceLabel = true; out.label = a.label; }
@@ -706,6 +869,10 @@
       },
     });
     view.indexedNodes = new Set(view.circuitNodes);      // the constructor has indexed the graph
+    // Nothing visible is drawn on sigma's WebGL layers (only their offscreen picking passes) nor
+    // on its edge-label layer: off the page, Chromium need not read them back and composite them
+    // in every frame.
+    for (const layer of ["edges", "edgeLabels", "nodes", "hoverNodes"]) renderer.elements[layer].style.display = "none";
     // Timings: from navigation start (first frame) or from the slider's input event (redraw) to
     // the next animation frame after sigma has drawn, when the browser has composited it.
     markFrame = () => requestAnimationFrame(() => {
