@@ -91,12 +91,16 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
                 inputs = C.norm(arch, patches, lw.ln1, freeze_norm)                  # [n_u, N·P, d]
         group_of = dict(zip(cols.tolist(), inverse.tolist()))
 
+    def folded(W: torch.Tensor) -> torch.Tensor:
+        """The weights that read a patched input: with the norm's weight folded in, when it is."""
+        return W if fold is None else W * fold[:, None]
+
     def project_patched(u: int, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The projections [N, P, n, e] of patched input u."""
         x = inputs[u].view(N, P, d)
         if fold is None:
             return C.project(x, W, b)
-        return C.project(x, W * fold[:, None], None).mul_(scale[u].view(N, P, 1, 1)).add_(b)
+        return C.project(x, folded(W), None).mul_(scale[u].view(N, P, 1, 1)).add_(b)
 
     out = []
     H, KV = arch.n_heads, arch.n_kv_heads
@@ -107,7 +111,7 @@ def _qkv(arch, lw, resid, coef, deltas, cols, c0, mlp_col, s0, freeze_norm=False
                 pick = slice(groups[0], groups[0] + n)
             else:
                 pick = torch.tensor(groups, device=inputs.device)
-            out.append(C.project_receivers(inputs[pick], W if fold is None else W * fold[:, None], b, N, P,
+            out.append(C.project_receivers(inputs[pick], folded(W), b, N, P,
                                            None if fold is None else scale[pick]))   # x: [n, N·P, d]
             continue
         by_input: dict[int, list[int]] = {}

@@ -192,8 +192,8 @@ def rescue(write, path: str | Path, what: str = "the result") -> None:
     raise OutputError(f"{first}; no fallback location was writable either, so {what} is lost")
 
 
-# --dtype names → torch dtype attribute names (the CLI parses arguments before importing torch)
-DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
+# --dtype choices: torch dtype names (the CLI parses arguments before importing torch)
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def torch_dtype(args):
@@ -202,7 +202,7 @@ def torch_dtype(args):
     if name is None:
         return None
     import torch
-    return getattr(torch, DTYPES[name])
+    return getattr(torch, name)
 
 
 def _load_model_and_task(args):
@@ -297,7 +297,7 @@ def undefined_faithfulness(model_spec: str, task, ablation: str) -> str:
 def _add_common(p, task: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random models and generated tasks")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="load the weights in this precision (default: float32; a GGUF is dequantized to float32 "
                         "once and cached, then cast)")
     p.add_argument("--json", action="store_true", help="print JSON")
